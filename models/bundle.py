@@ -1,0 +1,232 @@
+"""Self-describing model bundles: a folder with ``model.safetensors`` and ``bundle.json``.
+
+    >>> from models.bundle import load_bundle
+    >>> net, meta = load_bundle("artifacts/quickstart")   # eval-mode nn.Module + BundleMeta
+    >>> meta.task, meta.class_names, meta.preprocess.input_size
+
+``bundle.json`` holds everything needed to use the weights: the task, the architecture
+(registry name + arguments), class names or the regression target and its range, the eval
+preprocessing, recorded metrics, the training config, library versions and the sha256 of
+the weights. Loading imports no Lightning and never unpickles (safetensors only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from data.preprocess import PreprocessSpec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bundle.json"
+Task = Literal["classification", "regression"]
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, corrupt, truncated or does not match its metadata."""
+
+
+@dataclass
+class BundleMeta:
+    """The parsed ``bundle.json``."""
+
+    task: Task
+    architecture: dict[str, Any]  # {"name": registry name, "kwargs": {...}}
+    preprocess: PreprocessSpec
+    class_names: list[str] | None = None
+    target: dict[str, Any] | None = None  # {"name": "age", "min": 0.0, "max": 116.0}
+    metrics: dict[str, float] = field(default_factory=dict)
+    training_config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    weights_sha256: str = ""
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+    path: Path | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names) if self.task == "classification" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "task": self.task,
+            "architecture": self.architecture,
+            "class_names": self.class_names,
+            "target": self.target,
+            "preprocess": self.preprocess.to_dict(),
+            "metrics": self.metrics,
+            "training_config": self.training_config,
+            "versions": self.versions,
+            "weights_sha256": self.weights_sha256,
+            "created": self.created,
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["svertka"] = version("svertka")
+    except Exception:  # running from a source tree that is not installed
+        out["svertka"] = "dev"
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make a config JSON-safe (paths, tuples, numpy scalars, ...) without losing its shape."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def save_bundle(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    task: Task,
+    architecture: str,
+    architecture_kwargs: dict[str, Any],
+    preprocess: PreprocessSpec,
+    class_names: list[str] | None = None,
+    target: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    training_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and metadata to ``out_dir`` (replaced whole, never half-written)."""
+    if task not in ("classification", "regression"):
+        raise BundleError(f"task must be 'classification' or 'regression', got {task!r}")
+    if task == "classification" and not class_names:
+        raise BundleError("a classification bundle needs class_names")
+    if task == "regression" and not target:
+        raise BundleError("a regression bundle needs a target, e.g. {'name': 'age', 'min': 0, 'max': 116}")
+    kwargs = {k: v for k, v in architecture_kwargs.items() if k != "weights"}  # weights live in the file
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state_model = model
+        if hasattr(model, "_orig_mod"):  # torch.compile wrapper
+            state_model = model._orig_mod
+        save_model(state_model, str(tmp / WEIGHTS_FILE))
+        meta = BundleMeta(
+            task=task,
+            architecture={"name": architecture, "kwargs": _jsonable(kwargs)},
+            preprocess=preprocess,
+            class_names=[str(c) for c in class_names] if class_names else None,
+            target=_jsonable(target) if target else None,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            training_config=_jsonable(training_config or {}),
+            versions=_versions(),
+            weights_sha256=_sha256(tmp / WEIGHTS_FILE),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_meta(path: str | Path) -> BundleMeta:
+    """Parse and validate ``bundle.json`` without touching the weights."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle folder (no such directory)")
+    if not meta_file.is_file():
+        raise BundleError(f"{path}: not a bundle ({META_FILE} is missing)")
+    try:
+        raw = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta_file}: corrupt JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{meta_file}: expected a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{meta_file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    try:
+        arch = raw["architecture"]
+        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+            raise BundleError(f"{meta_file}: 'architecture' needs a 'name'")
+        meta = BundleMeta(
+            task=raw["task"],
+            architecture={"name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})},
+            preprocess=PreprocessSpec.from_dict(raw["preprocess"]),
+            class_names=raw.get("class_names"),
+            target=raw.get("target"),
+            metrics=raw.get("metrics") or {},
+            training_config=raw.get("training_config") or {},
+            versions=raw.get("versions") or {},
+            weights_sha256=raw["weights_sha256"],
+            created=raw.get("created", ""),
+            path=path,
+        )
+    except KeyError as e:
+        raise BundleError(f"{meta_file}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{meta_file}: invalid field ({e})") from None
+    if meta.task not in ("classification", "regression"):
+        raise BundleError(f"{meta_file}: unknown task {meta.task!r}")
+    if meta.task == "classification" and not meta.class_names:
+        raise BundleError(f"{meta_file}: a classification bundle needs class_names")
+    if meta.task == "regression" and not meta.target:
+        raise BundleError(f"{meta_file}: a regression bundle needs a target")
+    return meta
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, BundleMeta]:
+    """Rebuild the eval-mode module and its metadata from a bundle folder; ``BundleError`` if unusable."""
+    from models.registry import get_model
+
+    import models  # noqa: F401  (registers every architecture)
+
+    meta = read_meta(path)
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{path}: not a bundle ({WEIGHTS_FILE} is missing)")
+    if _sha256(weights) != meta.weights_sha256:
+        raise BundleError(f"{weights}: sha256 does not match bundle.json (corrupt or truncated weights)")
+    name, kwargs = meta.architecture["name"], meta.architecture["kwargs"]
+    try:
+        model = get_model(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"{path}: cannot build architecture {name!r} with {kwargs}: {e}") from None
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BundleError(f"{weights}: weights do not match architecture {name!r}: {msg}") from None
+    return model.to(device).eval(), meta

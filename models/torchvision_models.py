@@ -1,0 +1,1 @@
+"""torchvision backbones (filled in by the models work)."""

@@ -209,9 +209,8 @@ def read_meta(path: str | Path) -> BundleMeta:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, BundleMeta]:
     """Rebuild the eval-mode module and its metadata from a bundle folder; ``BundleError`` if unusable."""
-    from models.registry import get_model
-
     import models  # noqa: F401  (registers every architecture)
+    from models.registry import get_model
 
     meta = read_meta(path)
     weights = Path(path) / WEIGHTS_FILE

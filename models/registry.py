@@ -1,7 +1,7 @@
 """Model registry in the torchvision manner: ``register_model``, ``get_model``, ``list_models``.
 
-    >>> from models import get_model, list_models
-    >>> net = get_model("lenet5", in_channels=1, num_outputs=10)
+>>> from models import get_model, list_models
+>>> net = get_model("lenet5", in_channels=1, num_outputs=10)
 """
 
 from __future__ import annotations

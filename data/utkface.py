@@ -1,0 +1,136 @@
+"""``UTKFaceDataModule``: age regression from UTKFace's ``[age]_[gender]_[race]_[date].jpg.chip.jpg`` files.
+
+The age is the text before the first ``_``; gender and race are kept when they parse (the real
+set has names with a space, a missing dot or a missing race field: all are read). Names
+without an age are skipped with one warning. Split by a hash of the file name (80/10/10 by
+default), so it does not depend on the listing order or on which other files are present.
+
+    python -c "from data.utkface import UTKFaceDataModule as D; d = D(); d.setup(); print(d)"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from data.base import Augment, BadImagePolicy, MissingDataError, warn_once
+from data.folder import IMAGE_EXTENSIONS, FileDataModule
+
+_FIELD = re.compile(r"^\s*(\d+)\s*$")
+
+
+def parse_name(name: str) -> dict | None:
+    """``"24_0_1_2017...jpg.chip.jpg"`` -> ``{"age": 24, "gender": 0, "race": 1}``; None without an age.
+
+    Gender (0/1) and race (0..4) are None when their field is missing or not a small number
+    (e.g. ``39_1_20170116174525125.jpg.chip.jpg`` has no race).
+    """
+    fields = name.split("_")
+    m = _FIELD.match(fields[0])
+    if len(fields) < 2 or not m:
+        return None
+
+    def small(i: int, hi: int) -> int | None:
+        f = _FIELD.match(fields[i]) if i < len(fields) else None
+        return int(f.group(1)) if f and len(f.group(1)) == 1 and int(f.group(1)) <= hi else None
+
+    return {"age": int(m.group(1)), "gender": small(1, 1), "race": small(2, 4)}
+
+
+def name_split(name: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the file name's hash: same name, same split, on any machine."""
+    u = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def index_folder(folder: Path) -> pd.DataFrame:
+    """One row per image that parses: ``path, name, age, gender, race`` (gender/race nullable Int64).
+
+    Image files whose names do not parse are skipped and listed in one warning.
+    """
+    rows, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        parsed = parse_name(p.name)
+        if parsed is None:
+            skipped.append(p.name)
+        else:
+            rows.append({"path": str(p), "name": p.name, **parsed})
+    if skipped:
+        warn_once(f"UTKFace: skipped files in {folder} whose names do not start with an age", skipped)
+    df = pd.DataFrame(rows, columns=["path", "name", "age", "gender", "race"])
+    return df.astype({"age": "int64", "gender": "Int64", "race": "Int64"})
+
+
+class UTKFaceDataModule(FileDataModule):
+    """Faces -> age (regression), RGB, ``target = {"name": "age", "min": age_min, "max": age_max}``.
+
+    ``root`` holds ``UTKFace/`` (or is that folder). y is the age in years (float).
+    YAML: ``class_path: data.utkface.UTKFaceDataModule``, ``init_args: {input_size: 64, batch_size: 128}``
+    """
+
+    task = "regression"
+    default_augment = Augment(hflip=0.5, shift=0.05, scale=0.05, rotate=10.0, brightness_contrast=0.1)
+
+    def __init__(
+        self,
+        root: str | None = None,
+        folder: str = "UTKFace",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 42,
+        input_size: int | tuple[int, int] = 64,
+        augment: Augment | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        resize: Literal["stretch", "center_crop"] = "stretch",
+        cache_dir: str | None = None,
+        on_bad_image: BadImagePolicy = "skip",
+        age_min: float = 0.0,
+        age_max: float = 116.0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            seed=seed,
+            input_size=input_size,
+            augment=augment if augment is not None else self.default_augment,
+            mean=mean,
+            std=std,
+            resize=resize,
+            cache_dir=cache_dir,
+            in_channels=3,
+            target={"name": "age", "min": float(age_min), "max": float(age_max)},
+            test_fraction=test_fraction,
+            on_bad_image=on_bad_image,
+        )
+        self.folder = folder
+        self.index: pd.DataFrame | None = None
+        self.save_hyperparameters()
+
+    @property
+    def image_folder(self) -> Path:
+        sub = self.root / self.folder
+        return sub if sub.is_dir() else self.root
+
+    def file_table(self) -> pd.DataFrame:
+        folder = self.image_folder
+        if not folder.is_dir():
+            raise MissingDataError(
+                f"UTKFace: no folder {self.root / self.folder} (data root {self.root}); set --data.root "
+                f"(or $DATASETS_DIR) to the folder holding {self.folder}/"
+            )
+        self.index = index_folder(folder)
+        if self.index.empty:
+            raise MissingDataError(f"UTKFace: no [age]_[gender]_[race]_[date].jpg.chip.jpg images in {folder}")
+        split = [name_split(n, self.val_fraction, self.test_fraction) for n in self.index["name"]]
+        return pd.DataFrame({"path": self.index["path"], "target": self.index["age"].astype("float32"), "split": split})

@@ -1,0 +1,1 @@
+"""HTTP service (``bentoml serve``) and batch script (``python -m serving.batch``) over model bundles."""

@@ -1,0 +1,243 @@
+"""Label a folder, CSV or glob of images offline with a bundle; write one CSV/Parquet row per input.
+
+    python -m serving.batch --model artifacts/quickstart --input photos/ --output labels.csv
+    python -m serving.batch --model utkface_age:latest --input 'faces/**/*.jpg' --output ages.parquet
+
+``--model`` is a bundle folder or a BentoML model tag. ``--input`` is a folder (searched
+recursively for images), a CSV with a ``path`` column (paths relative to the CSV's folder) or a
+glob. Files are decoded in DataLoader workers and predicted in batches by the same
+``serving.predictor.Predictor`` the HTTP service uses. Rows keep the input order: ``path``, then
+``label, score, top1_label, top1_score, ...`` for a classifier or the target (``age``) for a
+regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
+The output appears whole or not at all (written to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
+from models.bundle import BundleError
+from serving.predictor import ImageLoader, Predictor
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+OUTPUT_EXTS = (".csv", ".parquet")
+
+
+class FatalError(Exception):
+    """A problem that stops the run: printed as one ``error: ...`` line, exit status 1."""
+
+
+class ImageFiles(Dataset):
+    """``(index, (C, h, w) tensor or None, error or None)`` for each path; never raises on a bad file."""
+
+    def __init__(self, paths: Sequence[Path], loader: ImageLoader) -> None:
+        self.paths, self.loader = list(paths), loader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.loader(self.paths[i]), None
+        except ImageError as e:
+            return i, None, str(e)
+        except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
+            return i, None, f"cannot read file ({e.strerror or e})"
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None, dict]:
+    """-> indices of the good images, their ``(B, C, h, w)`` batch, and ``{index: error}`` for the rest."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = {i: err for i, x, err in items if x is None}
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, errors
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers: one thread each, the main process forwards
+
+
+def resolve_model(spec: str) -> Path:
+    """A bundle folder, or the folder of a BentoML model tag."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.exists() or "/" in spec or os.sep in spec:
+        raise FatalError(f"--model {spec}: not a bundle folder")
+    from models.store import bundle_dir_for_tag
+
+    try:
+        return bundle_dir_for_tag(spec)
+    except BundleError as e:
+        raise FatalError(f"--model {spec}: no such bundle folder, and {e}") from None
+
+
+def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
+    """Paths to read and how each is shown in the output (as listed in the CSV, or as found)."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not found:
+            raise FatalError(f"--input {spec}: no image files in this folder ({', '.join(sorted(IMAGE_EXTS))})")
+        return found, [str(p) for p in found]
+    if path.is_file() and path.suffix.lower() == ".csv":
+        try:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise FatalError(f"--input {spec}: cannot read CSV ({str(e).splitlines()[0]})") from None
+        if "path" not in table.columns:
+            raise FatalError(f"--input {spec}: the CSV needs a 'path' column (has: {', '.join(table.columns)})")
+        shown = [p for p in table["path"].tolist()]
+        if not shown:
+            raise FatalError(f"--input {spec}: the CSV lists no files")
+        return [path.parent / p for p in shown], shown
+    if path.is_file():
+        return [path], [spec]
+    found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not found:
+        raise FatalError(f"--input {spec}: no such folder or CSV, and no files match it as a glob")
+    return found, [str(p) for p in found]
+
+
+def check_output(spec: str) -> Path:
+    out = Path(spec)
+    if out.suffix.lower() not in OUTPUT_EXTS:
+        raise FatalError(f"--output {spec}: the name must end in .csv or .parquet")
+    if not out.parent.is_dir():
+        raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise FatalError(f"--output {spec}: is a folder")
+    return out
+
+
+def write_atomic(table: pd.DataFrame, out: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: the output is whole or absent."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if out.suffix.lower() == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def predict(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    shown: Sequence[str],
+    batch_size: int = 64,
+    workers: int = 2,
+    top_k: int = 5,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """One row per path, in order: predictions, or an ``error`` for a file that could not be read."""
+    from tqdm import tqdm
+
+    loader = DataLoader(
+        ImageFiles(paths, predictor.loader),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=predictor.device.type == "cuda",
+        persistent_workers=False,
+    )
+    results: list[dict[str, Any]] = [{} for _ in paths]
+    errors: dict[int, str] = {}
+    bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
+    for idx, batch, errs in loader:
+        errors.update(errs)
+        if batch is not None:
+            for i, row in zip(idx, predictor.predict_tensors(batch), strict=True):  # (B, C, h, w) -> (B, ...)
+                results[i] = flatten(predictor.format(row, top_k))
+        bar.update(len(idx) + len(errs))
+    bar.close()
+    rows = [{"path": s, **r, "error": errors.get(i)} for i, (s, r) in enumerate(zip(shown, results, strict=True))]
+    table = pd.DataFrame(rows)
+    if predictor.task == "classification":
+        k = max(1, min(top_k, predictor.num_classes))
+        cols = ["label", "score"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "score")]
+    else:
+        cols = [predictor.target_name]
+    return table.reindex(columns=["path", *cols, "error"])
+
+
+def flatten(result: dict[str, Any]) -> dict[str, Any]:
+    """``{"label", "score", "top_k": [...]}`` -> ``{"label", "score", "top1_label", "top1_score", ...}``."""
+    out = {k: v for k, v in result.items() if k != "top_k"}
+    for j, entry in enumerate(result.get("top_k", []), start=1):
+        out[f"top{j}_label"], out[f"top{j}_score"] = entry["label"], entry["score"]
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="bundle folder or BentoML model tag")
+    p.add_argument("--input", required=True, help="folder (recursive), CSV with a 'path' column, or glob")
+    p.add_argument("--output", required=True, help="FILE.csv or FILE.parquet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: none)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a TTY")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        for name in ("batch_size", "top_k", "max_pixels"):
+            if getattr(args, name) < 1:
+                raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if args.workers < 0:
+            raise FatalError(f"--workers must be 0 or more, got {args.workers}")
+        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+            raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
+        out = check_output(args.output)
+        paths, shown = resolve_inputs(args.input)
+        try:
+            predictor = Predictor(resolve_model(args.model), device=args.device, max_pixels=args.max_pixels)
+        except BundleError as e:
+            raise FatalError(f"--model {args.model}: {e}") from None
+        except RuntimeError as e:  # e.g. --device cuda without a GPU
+            raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+        table = predict(predictor, paths, shown, args.batch_size, args.workers, args.top_k, args.progress)
+        write_atomic(table, out)
+    except FatalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as e:  # writing the output (disk full, permissions, ...)
+        print(f"error: --output {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    bad = int(table["error"].notna().sum())
+    print(
+        f"wrote {len(table)} rows to {out}: {len(table) - bad} predicted, {bad} unreadable; "
+        f"{seconds:.1f} s ({len(table) / seconds:.1f} files/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

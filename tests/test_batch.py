@@ -1,0 +1,247 @@
+"""The batch script: folder / CSV / glob in, CSV / Parquet out, bad files as error rows, fatal errors.
+
+pytest tests/test_batch.py
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data.preprocess import PreprocessSpec, load_image, preprocess
+from models import get_model
+from models.bundle import load_bundle, save_bundle
+from serving import batch
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [f"class_{i}" for i in range(10)]
+
+
+def make_bundles(root: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    clf = get_model("lenet5", in_channels=1, num_outputs=10)
+    with torch.no_grad():
+        clf.head.weight.mul_(20)
+    save_bundle(
+        root / "clf",
+        clf,
+        task="classification",
+        architecture="lenet5",
+        architecture_kwargs={"in_channels": 1, "num_outputs": 10},
+        preprocess=PreprocessSpec(input_size=(28, 28), channels=1, mean=(0.5,), std=(0.5,)),
+        class_names=CLASSES,
+    )
+    reg = get_model("lenet5", in_channels=3, num_outputs=1)
+    with torch.no_grad():
+        reg.head.bias.fill_(40.0)
+        reg.head.weight.mul_(50)
+    save_bundle(
+        root / "age",
+        reg,
+        task="regression",
+        architecture="lenet5",
+        architecture_kwargs={"in_channels": 3, "num_outputs": 1},
+        preprocess=PreprocessSpec(input_size=(32, 32), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3),
+        target={"name": "age", "min": 0, "max": 116},
+    )
+    return {"clf": root / "clf", "age": root / "age"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("batch")
+    bundles = make_bundles(root / "bundles")
+    images = root / "images"
+    (images / "sub" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(13):
+        arr = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(["RGB", "L", "RGBA", "P"][i % 4])
+        sub = ["", "sub", "sub/deeper"][i % 3]
+        path = images / sub / f"img{i:02d}.{'jpg' if img.mode in ('RGB', 'L') and i % 2 else 'png'}"
+        img.save(path)
+        good.append(path)
+    (images / "corrupt.png").write_bytes(b"this is not a png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (images / "sub" / "truncated.png").write_bytes(buf.getvalue()[:300])
+    (images / "notes.txt").write_text("not an image, and not listed: wrong extension")
+    return {"root": root, "bundles": bundles, "images": images, "good": good}
+
+
+def reference(bundle: Path, path: Path) -> np.ndarray:
+    net, meta = load_bundle(bundle)
+    x = preprocess(load_image(path, meta.preprocess.channels), meta.preprocess)[None]
+    with torch.no_grad():
+        out = net(x)
+    if meta.task == "classification":
+        return out.softmax(1)[0].numpy()
+    return out[:, 0].clamp(0, 116).numpy()
+
+
+def run(*args: str | Path) -> int:
+    return batch.main([str(a) for a in args] + ["--no-progress"])
+
+
+def test_folder_to_csv(setup: dict, tmp_path: Path) -> None:
+    out = tmp_path / "labels.csv"
+    assert run("--model", setup["bundles"]["clf"], "--input", setup["images"], "--output", out, "--top-k", "3",
+               "--workers", "0", "--batch-size", "4") == 0  # fmt: skip
+    table = pd.read_csv(out)
+    expected = sorted([*setup["good"], setup["images"] / "corrupt.png", setup["images"] / "sub" / "truncated.png"])
+    assert table["path"].tolist() == [str(p) for p in expected]  # recursive, sorted, .txt skipped
+    assert list(table.columns) == ["path", "label", "score", "top1_label", "top1_score", "top2_label",
+                                   "top2_score", "top3_label", "top3_score", "error"]  # fmt: skip
+    bad = table[table["error"].notna()]
+    assert sorted(Path(p).name for p in bad["path"]) == ["corrupt.png", "truncated.png"]
+    errors = dict(zip(bad["path"].map(lambda p: Path(p).name), bad["error"], strict=True))
+    assert "not a recognized image" in errors["corrupt.png"] and "truncated" in errors["truncated.png"].lower()
+    assert bad["label"].isna().all()
+    ok = table[table["error"].isna()]
+    for row in ok.itertuples(index=False):
+        ref = reference(setup["bundles"]["clf"], Path(row.path))
+        assert row.label == CLASSES[int(ref.argmax())] == row.top1_label
+        assert row.score == pytest.approx(float(ref.max()), abs=1e-5)
+        assert row.top2_score == pytest.approx(float(np.sort(ref)[-2]), abs=1e-5)
+
+
+def test_csv_input_keeps_order_and_writes_parquet(setup: dict, tmp_path: Path) -> None:
+    images = setup["images"]
+    listed = [str(p.relative_to(images)) for p in reversed(setup["good"][:5])] + ["missing.png", "corrupt.png"]
+    csv = images / "list.csv"
+    pd.DataFrame({"path": listed, "other": range(len(listed))}).to_csv(csv, index=False)
+    try:
+        out = tmp_path / "labels.parquet"
+        assert run("--model", setup["bundles"]["clf"], "--input", csv, "--output", out, "--workers", "2") == 0
+    finally:
+        csv.unlink()
+    table = pd.read_parquet(out)
+    assert table["path"].tolist() == listed  # as listed, relative to the CSV's folder
+    assert table["error"].isna().tolist() == [True] * 5 + [False, False]
+    assert "no such file" in table["error"].iloc[5]
+    assert [c for c in table.columns if c.endswith("_label")] == [f"top{j}_label" for j in range(1, 6)]
+    for row in table.iloc[:5].itertuples(index=False):
+        ref = reference(setup["bundles"]["clf"], images / row.path)
+        assert row.score == pytest.approx(float(ref.max()), abs=1e-5)
+
+
+def test_glob_input_regressor(setup: dict, tmp_path: Path) -> None:
+    out = tmp_path / "ages.csv"
+    pattern = str(setup["images"] / "**" / "*.png")
+    assert run("--model", setup["bundles"]["age"], "--input", pattern, "--output", out, "--workers", "2",
+               "--batch-size", "3") == 0  # fmt: skip
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["path", "age", "error"]
+    pngs = sorted(p for p in setup["images"].rglob("*.png"))
+    assert table["path"].tolist() == [str(p) for p in pngs]
+    ok = table[table["error"].isna()]
+    assert len(ok) == len(pngs) - 2 and ok["age"].between(0, 116).all()
+    for row in ok.itertuples(index=False):
+        assert row.age == pytest.approx(float(reference(setup["bundles"]["age"], Path(row.path))[0]), abs=1e-5)
+
+
+def _fatal(setup: dict, tmp_path: Path, case: str) -> tuple[list[str], Path]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("file\na.png\n")
+    model, inputs, out = str(setup["bundles"]["clf"]), str(setup["images"]), tmp_path / "out.csv"
+    if case == "no such model":
+        model = str(tmp_path / "no_bundle_here")
+    elif case == "unknown tag":
+        model = "no_such_model_tag:v1"
+    elif case == "not a bundle":
+        model = str(empty)
+    elif case == "no inputs":
+        inputs = str(empty)
+    elif case == "glob matches nothing":
+        inputs = str(tmp_path / "*.png")
+    elif case == "csv without path column":
+        inputs = str(nocol)
+    elif case == "bad output extension":
+        out = tmp_path / "out.xlsx"
+    elif case == "output folder missing":
+        out = tmp_path / "no" / "such" / "out.csv"
+    return ["--model", model, "--input", inputs, "--output", str(out), "--workers", "0"], out
+
+
+FATAL = [
+    "no such model",
+    "unknown tag",
+    "not a bundle",
+    "no inputs",
+    "glob matches nothing",
+    "csv without path column",
+    "bad output extension",
+    "output folder missing",
+]
+
+
+@pytest.mark.parametrize("case", FATAL)
+def test_fatal_errors_one_line_no_output(
+    setup: dict, tmp_path: Path, case: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # an empty store for tags
+    args, out = _fatal(setup, tmp_path, case)
+    assert run(*args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists()
+    if out.parent.exists():
+        assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_fatal_error_from_the_command_line(setup: dict, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.batch",
+            "--model",
+            str(tmp_path / "nope"),
+            "--input",
+            str(setup["images"]),
+            "--output",
+            str(tmp_path / "out.csv"),
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: --model {tmp_path / 'nope'}: not a bundle folder"]
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_failures_leave_no_partial_output(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "labels.csv"
+    out.write_text("previous results\n")
+    args = ["--model", setup["bundles"]["clf"], "--input", setup["images"], "--output", out, "--workers", "0"]
+
+    def write_half_then_fail(self: pd.DataFrame, path: Path, **kw: object) -> None:
+        Path(path).write_text("path,label\nhalf")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write_half_then_fail)
+    assert run(*args) == 1
+    monkeypatch.undo()
+
+    def interrupt(self: object, batch_: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.Predictor, "predict_tensors", interrupt)
+    assert run(*args) == 130
+    assert out.read_text() == "previous results\n"  # untouched: whole or not at all
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.csv"]

@@ -1,0 +1,598 @@
+"""The BentoML service, for real: bundles saved to a temporary model store, `bentoml serve` started
+as a subprocess, every endpoint and every kind of bad input exercised over HTTP.
+
+    pytest tests/test_serving.py            # one shared server (~20 s to start), plus `bentoml build` (~12 s)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.preprocess import PreprocessSpec, load_image, preprocess
+from models import get_model
+from models.bundle import load_bundle, save_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+AGE_TARGET = {"name": "age", "min": 0.0, "max": 116.0}
+MAX_PIXELS = 1_000_000  # the test server's SVERTKA_MAX_PIXELS
+MAX_BODY = 3_000_000  # the test server's SVERTKA_MAX_BODY_BYTES
+START_TIMEOUT = 180
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundles, a BentoML home, images
+# ---------------------------------------------------------------------------------------------
+
+
+def make_bundles(root: Path) -> dict[str, Path]:
+    """A 10-class LeNet-5 on 28x28 grayscale and a LeNet-5 age regressor on 32x32 RGB (random weights)."""
+    torch.manual_seed(0)
+    clf = get_model("lenet5", in_channels=1, num_outputs=10)
+    with torch.no_grad():  # spread the logits so the softmax is far from uniform
+        clf.head.weight.mul_(20)
+    save_bundle(
+        root / "clf",
+        clf,
+        task="classification",
+        architecture="lenet5",
+        architecture_kwargs={"in_channels": 1, "num_outputs": 10},
+        preprocess=PreprocessSpec(input_size=(28, 28), channels=1, mean=(0.286,), std=(0.353,)),
+        class_names=CLASSES,
+        metrics={"test/acc": 0.91, "val/acc": 0.92},
+    )
+    reg = get_model("lenet5", in_channels=3, num_outputs=1)
+    with torch.no_grad():
+        reg.head.bias.fill_(30.0)
+        reg.head.weight.mul_(30)
+    save_bundle(
+        root / "age",
+        reg,
+        task="regression",
+        architecture="lenet5",
+        architecture_kwargs={"in_channels": 3, "num_outputs": 1},
+        preprocess=PreprocessSpec(input_size=(32, 32), channels=3, mean=(0.5,) * 3, std=(0.25,) * 3),
+        target=AGE_TARGET,
+        metrics={"test/mae": 7.5},
+    )
+    return {"clf": root / "clf", "age": root / "age"}
+
+
+@contextmanager
+def bentoml_home(home: Path) -> Iterator[None]:
+    """Point this process's BentoML at ``home`` (its store paths are cached singletons)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    providers = (BentoMLContainer.bentoml_home, BentoMLContainer.model_store_dir, BentoMLContainer.model_store)
+    old_env = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store_dir.set(str(home / "models"))
+    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+    try:
+        yield
+    finally:
+        for p in providers:
+            p.reset()
+        if old_env is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = old_env
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def sample_images() -> dict[str, bytes]:
+    """Every common mode, PNG and JPEG; deterministic content with structure (not flat)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8), "RGB")
+    gray = rgb.convert("L")
+    i16 = Image.fromarray((np.asarray(gray, dtype=np.uint16) * 257).astype(np.uint16))  # mode I;16
+    assert i16.mode == "I;16"
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    return {
+        "rgb.png": encode(rgb),
+        "rgb.jpg": encode(rgb, "JPEG", quality=90),
+        "gray.png": encode(gray),
+        "gray.jpg": encode(gray, "JPEG"),
+        "bilevel.png": encode(gray.convert("1")),
+        "la.png": encode(gray.convert("LA")),
+        "palette.png": encode(rgb.convert("P")),
+        "rgba.png": encode(rgba),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "i16.png": encode(i16),
+    }
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 45x20 JPEG whose EXIF orientation (6) says: show me rotated 90 degrees clockwise."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (20, 45, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(img, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def reference(bundle: Path, data: bytes) -> np.ndarray:
+    """models.bundle + data.preprocess + forward: softmax scores or the clamped regression value."""
+    net, meta = load_bundle(bundle)
+    x = preprocess(load_image(data, meta.preprocess.channels), meta.preprocess)[None]  # (1, C, H, W)
+    with torch.no_grad():
+        out = net(x)
+    if meta.task == "classification":
+        return out.softmax(1)[0].numpy()
+    return out[:, 0].clamp(meta.target["min"], meta.target["max"]).numpy()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env(home: Path, models: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SVERTKA_")}
+    env.update(
+        BENTOML_HOME=str(home),
+        BENTOML_DO_NOT_TRACK="True",
+        SVERTKA_MODELS=models,
+        SVERTKA_WORKERS="1",
+        SVERTKA_TORCH_THREADS="1",
+        SVERTKA_MAX_PIXELS=str(MAX_PIXELS),
+        SVERTKA_MAX_BODY_BYTES=str(MAX_BODY),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server we started (it stops its workers), then SIGKILL its process group if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one store, one server for the module
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Bundles saved into a temporary BENTOML_HOME with models.store."""
+    from models.store import bundle_dir_for_tag, save_bundle_to_bentoml
+
+    root = tmp_path_factory.mktemp("serving")
+    bundles = make_bundles(root / "bundles")
+    home = root / "bentoml"
+    with bentoml_home(home):
+        clf_tag = save_bundle_to_bentoml(bundles["clf"], "test_clf", labels={"stage": "test"})
+        age_tag = save_bundle_to_bentoml(bundles["age"], "test_age")
+        assert bundle_dir_for_tag("test_clf:latest") == bundle_dir_for_tag(clf_tag)
+    return {"home": home, "bundles": bundles, "clf_tag": clf_tag, "age_tag": age_tag, "root": root}
+
+
+@pytest.fixture(scope="module")
+def server(store: dict) -> Iterator[str]:
+    """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
+    port = free_port()
+    with open(store["root"] / "serve.log", "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "--port", str(port), "--host", "127.0.0.1"],
+            cwd=REPO,
+            env=serve_env(store["home"], "test_clf,test_age:latest"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"bentoml serve not ready after {START_TIMEOUT} s:\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop(proc)
+
+
+def classify(url: str, data: bytes, name: str = "image.png", **fields) -> httpx.Response:
+    return httpx.post(f"{url}/classify", files={"image": (name, data)}, data=fields, timeout=30)
+
+
+def estimate_age(url: str, data: bytes, name: str = "image.png", **fields) -> httpx.Response:
+    return httpx.post(f"{url}/estimate_age", files={"image": (name, data)}, data=fields, timeout=30)
+
+
+def scores_by_label(body: dict) -> np.ndarray:
+    got = {e["label"]: e["score"] for e in body["top_k"]}
+    return np.array([got[c] for c in CLASSES])
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(sample_images()))
+def test_classify_every_mode_matches_bundle(server: str, store: dict, name: str) -> None:
+    data = sample_images()[name]
+    r = classify(server, data, name, top_k=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == store["clf_tag"]
+    ref = reference(store["bundles"]["clf"], data)
+    np.testing.assert_allclose(scores_by_label(body), ref, atol=1e-5)
+    assert body["label"] == CLASSES[int(ref.argmax())]
+    assert body["score"] == pytest.approx(float(ref.max()), abs=1e-5)
+    assert [e["score"] for e in body["top_k"]] == sorted((e["score"] for e in body["top_k"]), reverse=True)
+
+
+def test_classify_top_k_and_model_selection(server: str, store: dict) -> None:
+    data = sample_images()["rgb.png"]
+    default = classify(server, data).json()
+    assert len(default["top_k"]) == 5
+    for model in ("test_clf", "test_clf:latest", store["clf_tag"]):
+        r = classify(server, data, top_k=3, model=model)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["top_k"]) == 3 and body["model"] == store["clf_tag"]
+        assert body["top_k"] == default["top_k"][:3]
+
+
+def test_exif_orientation_is_applied(server: str, store: dict) -> None:
+    data = exif_rotated_jpeg()
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("L"))  # (20, 45): as stored, not as shown
+    shown = np.rot90(raw, k=-1)  # orientation 6: rotate 90 degrees clockwise -> (45, 20)
+    net, meta = load_bundle(store["bundles"]["clf"])
+    with torch.no_grad():
+        ref = net(preprocess(np.ascontiguousarray(shown)[:, :, None], meta.preprocess)[None]).softmax(1)[0].numpy()
+    body = classify(server, data, "rotated.jpg", top_k=10).json()
+    np.testing.assert_allclose(scores_by_label(body), ref, atol=1e-5)
+
+
+def test_estimate_age(server: str, store: dict) -> None:
+    for name, data in sample_images().items():
+        r = estimate_age(server, data, name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"age", "model"} and body["model"] == store["age_tag"]
+        assert 0.0 <= body["age"] <= 116.0
+        assert body["age"] == pytest.approx(float(reference(store["bundles"]["age"], data)[0]), abs=1e-4)
+
+
+def test_models_endpoint(server: str, store: dict) -> None:
+    for r in (httpx.get(f"{server}/models"), httpx.post(f"{server}/models")):
+        assert r.status_code == 200, r.text
+        models = {m["tag"]: m for m in r.json()["models"]}
+        assert list(models) == [store["clf_tag"], store["age_tag"]]
+        clf, age = models[store["clf_tag"]], models[store["age_tag"]]
+        assert clf["task"] == "classification" and clf["class_names"] == CLASSES
+        assert clf["input"]["height"] == 28 and clf["input"]["channels"] == 1
+        assert clf["metrics"] == {"test/acc": pytest.approx(0.91)}
+        assert age["task"] == "regression" and age["target"] == AGE_TARGET
+        assert age["input"]["width"] == 32 and age["input"]["channels"] == 3
+        assert age["metrics"] == {"test/mae": pytest.approx(7.5)}
+
+
+def test_concurrent_requests_batched_and_correct(server: str, store: dict) -> None:
+    images = list(sample_images().items())
+    expected = {name: classify(server, data, name, top_k=10).json() for name, data in images}
+    jobs = [images[i % len(images)] for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda job: classify(server, job[1], job[0], top_k=10), jobs))
+    for (name, _), r in zip(jobs, results, strict=True):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(scores_by_label(r.json()), scores_by_label(expected[name]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: 4xx with a JSON reason, and the server keeps serving
+# ---------------------------------------------------------------------------------------------
+
+
+def _reason(r: httpx.Response) -> str:
+    body = r.json()
+    assert isinstance(body, dict) and "error" in body, body
+    return json.dumps(body).lower()
+
+
+BAD_UPLOADS = {
+    "not an image": (b"hello, I am a text file\n", "not a recognized image"),
+    "truncated": (sample_images()["rgb.png"][:200], "truncated"),
+    "truncated jpeg": (sample_images()["rgb.jpg"][:300], "truncated"),
+    "empty": (b"", "empty"),
+    "too many pixels": (encode(Image.new("L", (1100, 1000))), "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+@pytest.mark.parametrize("route", ["classify", "estimate_age"])
+def test_bad_images_are_4xx(server: str, case: str, route: str) -> None:
+    data, words = BAD_UPLOADS[case]
+    r = httpx.post(f"{server}/{route}", files={"image": ("x.png", data)}, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert words in _reason(r)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` pixels in its header (and holds almost nothing)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    idat = zlib.compress(b"\0" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(5000, 5000), (100_000, 100_000)])
+def test_decompression_bomb_refused_from_header(server: str, size: tuple[int, int]) -> None:
+    t = time.monotonic()
+    r = classify(server, png_header_only(*size))
+    assert r.status_code == 400 and "pixels" in _reason(r)
+    assert time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"data": {"top_k": "3"}}, "image"),  # missing file field
+        ({"files": {"photo": ("a.png", b"x")}}, "photo"),  # a file in an unknown field
+        ({"data": {"image": "http://example.com/a.png"}}, "file part"),  # text instead of a file
+        ({"content": b"{}", "headers": {"content-type": "application/json"}}, "multipart"),
+        ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, "multipart"),
+        ({}, "multipart"),  # empty body
+    ],
+)
+def test_malformed_requests_are_400(server: str, kwargs: dict, words: str) -> None:
+    r = httpx.post(f"{server}/classify", timeout=30, **kwargs)
+    assert r.status_code == 400, r.text
+    assert words in _reason(r)
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"top_k": "0"}, "top_k"),
+        ({"top_k": "11"}, "top_k"),
+        ({"top_k": "three"}, "top_k"),
+        ({"model": "no_such_model"}, "unknown model"),
+        ({"model": "test_age"}, "regression"),
+        ({"model": "test_clf:no_such_version"}, "unknown model"),
+    ],
+)
+def test_bad_parameters_are_400(server: str, fields: dict, words: str) -> None:
+    r = classify(server, sample_images()["rgb.png"], **fields)
+    assert r.status_code == 400, r.text
+    assert words in _reason(r)
+
+
+def test_wrong_task_for_estimate_age(server: str) -> None:
+    r = estimate_age(server, sample_images()["rgb.png"], model="test_clf")
+    assert r.status_code == 400 and "classification" in _reason(r)
+
+
+def test_body_over_limit_is_413(server: str) -> None:
+    big = os.urandom(MAX_BODY + 1000)
+    r = classify(server, big)  # with a Content-Length
+    assert r.status_code == 413 and "svertka_max_body_bytes" in _reason(r)
+
+    boundary = "svertkaboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: streamed, counted as it arrives
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+
+    r = httpx.post(
+        f"{server}/classify",
+        content=chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        timeout=30,
+    )
+    assert r.status_code == 413 and "svertka_max_body_bytes" in _reason(r)
+
+
+def test_server_still_serves_after_bad_input(server: str, store: dict) -> None:
+    data = sample_images()["gray.png"]
+    r = classify(server, data, top_k=10)
+    assert r.status_code == 200
+    np.testing.assert_allclose(scores_by_label(r.json()), reference(store["bundles"]["clf"], data), atol=1e-5)
+    assert httpx.get(f"{server}/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: HTTP == batch script == models.bundle, on the same files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parity_http_batch_bundle(server: str, store: dict, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from serving import batch
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, data in sample_images().items():
+        (folder / name).write_bytes(data)
+    names = sorted(sample_images())
+    for task, bundle in (("clf", store["bundles"]["clf"]), ("age", store["bundles"]["age"])):
+        out = tmp_path / f"{task}.csv"
+        assert batch.main(["--model", str(bundle), "--input", str(folder), "--output", str(out), "--top-k", "10",
+                           "--workers", "0", "--batch-size", "4"]) == 0  # fmt: skip
+        table = pd.read_csv(out)
+        assert [Path(p).name for p in table["path"]] == names
+        for name, row in zip(names, table.itertuples(index=False), strict=True):
+            data = (folder / name).read_bytes()
+            ref = reference(bundle, data)
+            if task == "clf":
+                http = scores_by_label(classify(server, data, name, top_k=10).json())
+                from_batch = {getattr(row, f"top{j}_label"): getattr(row, f"top{j}_score") for j in range(1, 11)}
+                np.testing.assert_allclose([from_batch[c] for c in CLASSES], ref, atol=1e-5)
+                np.testing.assert_allclose(http, ref, atol=1e-5)
+            else:
+                http = estimate_age(server, data, name).json()["age"]
+                assert row.age == pytest.approx(float(ref[0]), abs=1e-5)
+                assert http == pytest.approx(float(ref[0]), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up failures, in-process use, bentoml build
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_model_stops_start_with_clear_message(store: dict) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=serve_env(store["home"], "test_clf,no_such_model:v1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no_such_model:v1" in lines[0] and "SVERTKA_MODELS" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_predictor_directly_clamps_and_formats(store: dict, tmp_path: Path) -> None:
+    from serving.predictor import Predictor
+
+    reg = get_model("lenet5", in_channels=3, num_outputs=1)
+    with torch.no_grad():
+        reg.head.bias.fill_(1000.0)
+    _, meta = load_bundle(store["bundles"]["age"])
+    p = Predictor((reg, meta), device="cpu")
+    x = torch.zeros(2, 3, 32, 32)
+    assert p.predict_tensors(x).tolist() == [116.0, 116.0]
+    assert p.format(p.predict_tensors(x)[0]) == {"age": 116.0}
+    with torch.no_grad():
+        reg.head.bias.fill_(-1000.0)
+    assert p.predict_tensors(x).tolist() == [0.0, 0.0]
+
+    clf = Predictor(store["bundles"]["clf"], device="cpu")
+    result = clf.predict_files([sample_images()["rgb.png"]], top_k=3)[0]
+    assert set(result) == {"label", "score", "top_k"} and len(result["top_k"]) == 3
+    assert clf.info()["class_names"] == CLASSES
+
+
+@contextmanager
+def service_module(store: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """``serving.service`` imported in this process against the test store (it checks the models on import)."""
+    import importlib
+
+    monkeypatch.setenv("SVERTKA_MODELS", "test_clf,test_age")
+    monkeypatch.setenv("SVERTKA_WORKERS", "1")
+    with bentoml_home(store["home"]):
+        sys.modules.pop("serving.service", None)
+        try:
+            yield importlib.import_module("serving.service")
+        finally:
+            sys.modules.pop("serving.service", None)
+
+
+def test_batcher_batches_concurrent_inputs(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    sizes: list[int] = []
+
+    def double(batch: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        sizes.append(len(batch))
+        time.sleep(0.02)  # a slow forward: requests queue up behind it
+        return batch * 2
+
+    async def main(batcher) -> list[torch.Tensor]:
+        xs = [torch.full((1, 2, 2), float(i)) for i in range(40)]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in xs))
+        return [o.equal(x * 2) for o, x in zip(outs, xs, strict=True)]
+
+    with service_module(store, monkeypatch) as service:
+        assert all(asyncio.run(main(service.Batcher(double, max_batch_size=16, wait_ms=0))))
+    assert sum(sizes) == 40 and max(sizes) == 16 and len(sizes) <= 5
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_service_in_process_through_asgi(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same service class, without a server: Svertka.to_asgi() under Starlette's TestClient."""
+    from starlette.testclient import TestClient
+
+    with service_module(store, monkeypatch) as service, TestClient(service.Svertka.to_asgi()) as client:
+        data = sample_images()["rgb.jpg"]
+        r = client.post("/classify", files={"image": ("a.jpg", data)}, data={"top_k": "10"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(scores_by_label(r.json()), reference(store["bundles"]["clf"], data), atol=1e-5)
+        r = client.post("/estimate_age", files={"image": ("a.jpg", b"not an image")})
+        assert r.status_code == 400 and "error" in r.json()
+        assert client.get("/models").json()["models"][1]["tag"] == store["age_tag"]
+
+
+def test_bentoml_build_packs_service_and_models(store: dict) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=REPO,
+        env=serve_env(store["home"], "test_clf,test_age"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import yaml
+
+    bentos = list((store["home"] / "bentos" / "svertka").glob("*/bento.yaml"))
+    assert len(bentos) == 1
+    bento, info = bentos[0].parent, yaml.safe_load(bentos[0].read_text())
+    assert info["service"] == "serving.service:Svertka"
+    # BentoML 1.4 records the models by tag; they travel with the Bento on export/containerize
+    assert [m["tag"] for m in info["services"][0]["models"]] == [store["clf_tag"], store["age_tag"]]
+    assert {e["name"]: e["value"] for e in info["envs"]}["SVERTKA_MODELS"] == "test_clf:latest,test_age:latest"
+    for f in ("serving/service.py", "serving/predictor.py", "models/bundle.py", "data/preprocess.py"):
+        assert (bento / "src" / f).is_file(), f

@@ -1,0 +1,341 @@
+"""Training: LightningModules, callbacks, checkpoints, export, and every config on tiny data.
+
+.venv/bin/pytest tests/test_training.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from data.base import ImageDataModule, Split
+from data.digits import DigitsDataModule
+from training import AgeRegressor, ImageClassifier
+from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint
+from training.cli import main
+from training.export import export_checkpoint
+from training.export import main as export_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a child ``python``: repo importable from any cwd, one thread."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("SVERTKA_DEBUG", None)
+    return env
+
+
+class TinyAgeDataModule(ImageDataModule):
+    """Synthetic faces-free "age" data: 3-channel noise whose brightness encodes the age (learnable)."""
+
+    task = "regression"
+    default_mean = (0.5, 0.5, 0.5)
+    default_std = (0.25, 0.25, 0.25)
+
+    def __init__(self, root: str | None = None, batch_size: int = 16, input_size: int = 32, n: int = 96) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            input_size=input_size,
+            in_channels=3,
+            target={"name": "age", "min": 0.0, "max": 100.0},
+        )
+        self.n = n
+
+    def load_splits(self) -> dict[str, Split]:
+        rng = np.random.default_rng(0)
+        ages = rng.uniform(1, 99, size=self.n).astype(np.float32)
+        h, w = self.preprocess_spec.input_size
+        base = (ages / 100 * 255)[:, None, None, None]
+        images = np.clip(base + rng.normal(0, 20, size=(self.n, h, w, 3)), 0, 255).astype(np.uint8)
+        data = Split(images, ages)
+        third = self.n // 3
+        idx = np.arange(self.n)
+        parts = idx[:third], idx[third : 2 * third], idx[2 * third :]
+        return {name: data.take(part) for name, part in zip(("train", "val", "test"), parts, strict=True)}
+
+
+def tiny_trainer(tmp_path: Path, **kw) -> Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        limit_test_batches=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return Trainer(**{**defaults, **kw})
+
+
+# ---------------------------------------------------------------- LightningModules
+
+
+def test_classifier_metrics_checkpoint_and_bundle(tmp_path: Path) -> None:
+    """A plain Trainer: the logged names, the confusion matrix, a weights_only checkpoint, the bundle."""
+    dm = DigitsDataModule(batch_size=32)
+    model = ImageClassifier("lenet5", in_channels=dm.in_channels, num_outputs=dm.num_outputs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=model.monitor, mode=model.monitor_mode, save_last=True)
+    export = ExportBundle(tmp_path / "bundle")
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[ckpt, export, TrainingPlots()])
+    trainer.fit(model, dm)
+    for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/f1", "val/top5"):
+        assert key in trainer.callback_metrics, key
+    results = trainer.test(model, dm, ckpt_path="best", verbose=False)[0]
+    assert {"test/acc", "test/top5", "test/f1", "test/loss"} <= set(results)
+    cm = model.test_confusion_matrix
+    assert cm.shape == (10, 10) and int(cm.sum()) == min(3 * 32, len(dm.dataset("test")))
+
+    raw = load_checkpoint(ckpt.best_model_path)  # plain types only: weights_only=True loads it
+    meta = raw["svertka"]
+    assert meta["architecture"] == "lenet5" and meta["architecture_kwargs"] == {"in_channels": 1, "num_outputs": 10}
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["task"] == "classification"
+    assert meta["preprocess"]["input_size"] == [28, 28] and "val/acc" in meta["metrics"]
+
+    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert bundle["metrics"]["test/acc"] == pytest.approx(results["test/acc"])
+    assert bundle["metrics"]["val/acc"] == pytest.approx(float(ckpt.best_model_score))
+    assert bundle["architecture"] == {"name": "lenet5", "kwargs": {"in_channels": 1, "num_outputs": 10}}
+
+
+def test_overfit_a_few_batches_loss_falls(tmp_path: Path) -> None:
+    dm = DigitsDataModule(batch_size=32)
+    model = ImageClassifier("lenet5", in_channels=1, num_outputs=10)
+    plots = TrainingPlots()
+    trainer = tiny_trainer(tmp_path, max_epochs=25, overfit_batches=2, limit_val_batches=0, callbacks=[plots])
+    trainer.fit(model, dm)
+    losses = [row["train/loss"] for row in plots.history]
+    assert len(losses) == 25
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_regressor_metrics_clamp_and_plots(tmp_path: Path) -> None:
+    dm = TinyAgeDataModule()
+    model = AgeRegressor("lenet5", in_channels=3, num_outputs=1, loss="smooth_l1")
+    trainer = Trainer(
+        default_root_dir=tmp_path, max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[TrainingPlots(), ExportBundle(tmp_path / "bundle")],
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.target == {"name": "age", "min": 0.0, "max": 100.0}  # from the data module
+    assert {"val/mae", "val/rmse", "val/cs5"} <= set(trainer.callback_metrics)
+    res = trainer.test(model, dm, verbose=False)[0]
+    assert {"test/mae", "test/rmse", "test/cs5"} <= set(res) and 0.0 <= res["test/cs5"] <= 1.0
+    pred, true = model.test_predictions
+    assert pred.shape == true.shape == (len(dm.dataset("test")),)
+    assert float(pred.min()) >= 0.0 and float(pred.max()) <= 100.0
+    plots = tmp_path / "plots"
+    for name in ("curves.png", "age_scatter.png", "age_mae_by_decade.png"):
+        assert (plots / name).stat().st_size > 1000, name
+    x = torch.full((2, 3, 32, 32), 50.0)  # absurd input -> raw output far outside [0, 100]
+    with torch.no_grad():
+        out = model.predict_step(x, 0)
+    assert out.shape == (2,) and float(out.min()) >= 0 and float(out.max()) <= 100
+    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert bundle["task"] == "regression" and bundle["target"]["max"] == 100.0
+
+
+def test_losses_and_bad_arguments() -> None:
+    for loss in ("l1", "mse", "smooth_l1"):
+        AgeRegressor("lenet5", in_channels=3, loss=loss)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        AgeRegressor("lenet5", in_channels=3, loss="huber")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="known models: .*lenet5"):
+        ImageClassifier("no_such_net")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ImageClassifier("lenet5", label_smoothing=1.5)
+
+
+def test_one_cycle_gets_total_steps_from_trainer(tmp_path: Path) -> None:
+    dm = DigitsDataModule(batch_size=64)
+    sched = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01)
+    model = ImageClassifier("lenet5", lr_scheduler=sched, scheduler_interval="step")
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step"
+    assert scheduler.scheduler.total_steps == 8  # 2 epochs x 4 batches
+    assert trainer.global_step == 8
+
+
+def test_channels_last_gives_same_outputs() -> None:
+    a = ImageClassifier("lenet5")
+    b = ImageClassifier("lenet5", channels_last=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _tiny_config(cfg_path: Path, out_dir: Path) -> Path:
+    """The config with its data swapped for tiny offline data of the same kind, under the same file name."""
+    cfg = yaml.safe_load(cfg_path.read_text())
+    init = cfg["data"].get("init_args") or {}
+    size = init.get("input_size", 28)
+    if cfg["model"]["class_path"].endswith("AgeRegressor"):
+        cfg["data"] = {"class_path": "test_training.TinyAgeDataModule", "init_args": {"input_size": size}}
+    elif not cfg["data"]["class_path"].endswith("DigitsDataModule"):
+        cfg["data"] = {"class_path": "data.digits.DigitsDataModule", "init_args": {"input_size": size}}
+    out = out_dir / cfg_path.name
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+@pytest.mark.parametrize("cfg_path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_fast_dev_run(cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each config parses, builds its model and runs one batch of fit/val/test (tiny data when real is absent)."""
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    tiny = _tiny_config(cfg_path, tmp_path)
+    args = ["fit", "-c", str(tiny), "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
+            "--data.init_args.batch_size", "8"]  # fmt: skip
+    assert main(args) == 0
+
+
+@pytest.mark.datasets
+@pytest.mark.parametrize("cfg_path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_fast_dev_run_real_data(cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    args = ["fit", "-c", str(cfg_path), "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu"]
+    assert main(args) == 0
+
+
+# ---------------------------------------------------------------- resume, export, parity
+
+
+def _fit(tmp_path: Path, name: str, epochs: int, *extra: str) -> int:
+    args = ["fit", "-c", str(REPO / "configs" / "quickstart.yaml"), "--name", name,
+            "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", "6",
+            "--trainer.limit_val_batches", "3", "--trainer.enable_progress_bar", "false",
+            "--test_after_fit", "false", "--export", "false", *extra]  # fmt: skip
+    return main(args)
+
+
+def test_resume_matches_uninterrupted_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit 1 epoch, then resume with ``--ckpt_path last`` to 3: same step, metrics and weights as 3 straight."""
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    assert _fit(tmp_path, "straight", 3) == 0
+    assert _fit(tmp_path, "resumed", 1) == 0
+    first = load_checkpoint(tmp_path / "runs/resumed/checkpoints/last.ckpt")
+    assert first["epoch"] == 0 and first["global_step"] == 6
+    assert _fit(tmp_path, "resumed", 3, "--ckpt_path", "last") == 0
+    a = load_checkpoint(tmp_path / "runs/straight/checkpoints/last.ckpt")
+    b = load_checkpoint(tmp_path / "runs/resumed/checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 18
+    assert a["svertka"]["metrics"].keys() == b["svertka"]["metrics"].keys()
+    for k, v in a["svertka"]["metrics"].items():
+        assert b["svertka"]["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=1e-5)
+    history = b["callbacks"]["TrainingPlots"]["history"]
+    assert [int(r["epoch"]) for r in history] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short quickstart fit (with test and export) shared by the export and parity tests."""
+    out = tmp_path_factory.mktemp("run")
+    os.environ["SVERTKA_OUTPUT_DIR"] = str(out)
+    try:
+        assert _fit(out, "quickstart", 2, "--test_after_fit", "true", "--export", "true") == 0
+    finally:
+        del os.environ["SVERTKA_OUTPUT_DIR"]
+    return out
+
+
+def test_fit_exports_bundle_with_test_metrics(trained_run: Path) -> None:
+    bundle = json.loads((trained_run / "artifacts/quickstart/bundle.json").read_text())
+    assert {"test/acc", "test/f1", "test/top5", "val/acc"} <= set(bundle["metrics"])
+    assert bundle["training_config"]["model"]["init_args"]["net"] == "lenet5"
+    run = trained_run / "runs/quickstart/version_0"
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+    assert (run / "plots/curves.png").is_file() and (run / "plots/confusion_matrix.png").is_file()
+    assert any(run.glob("events.out.tfevents.*"))
+    assert (trained_run / "runs/quickstart/checkpoints/last.ckpt").is_file()
+
+
+def test_export_checkpoint_function(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "runs/quickstart/checkpoints/last.ckpt"
+    out = export_checkpoint(ckpt, tmp_path / "b")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["class_names"] == [str(i) for i in range(10)] and "val/acc" in meta["metrics"]
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "c")
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        export_checkpoint(tmp_path / "bad.ckpt", tmp_path / "c")
+
+
+def test_bundle_matches_lightning_module_without_lightning(trained_run: Path, tmp_path: Path) -> None:
+    """The bundle, loaded in a process that never imports Lightning, gives the module's outputs (1e-5)."""
+    bundle = trained_run / "artifacts/quickstart"
+    best = json.loads((bundle / "bundle.json").read_text())
+    ckpts = sorted((trained_run / "runs/quickstart/checkpoints").glob("best-*.ckpt"))
+    assert len(ckpts) == 1
+    model = ImageClassifier.load_from_checkpoint(ckpts[0], weights_only=True).eval()
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("test")
+    x, _ = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"x": x, "y": expected}, tmp_path / "batch.pt")
+    code = f"""
+import sys, torch
+from models.bundle import load_bundle
+net, meta = load_bundle({str(bundle)!r})
+b = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
+with torch.no_grad():
+    out = net(b["x"])
+assert "lightning" not in sys.modules and "pytorch_lightning" not in sys.modules, "lightning was imported"
+diff = (out - b["y"]).abs().max().item()
+assert diff <= 1e-5, diff
+print("max_abs_diff", diff, meta.task)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "max_abs_diff" in r.stdout and "classification" in r.stdout
+    assert best["metrics"]["val/acc"] > 0
+
+
+def test_export_cli_with_bentoml(trained_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    ckpt = trained_run / "runs/quickstart/checkpoints/last.ckpt"
+    env = subprocess_env(BENTOML_HOME=str(tmp_path / "bentoml"))
+    cmd = [sys.executable, "-m", "training.export", "--ckpt", str(ckpt), "--out", str(tmp_path / "b"),
+           "--bentoml", "digits"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "Bundle:" in r.stdout and "BentoML model: digits:" in r.stdout, r.stdout
+    store = list((tmp_path / "bentoml" / "models" / "digits").glob("*/bundle.json"))
+    assert len(store) == 1 and (store[0].parent / "model.safetensors").is_file()
+
+    assert export_main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == [f"error: --ckpt {tmp_path / 'missing.ckpt'}: no such file"]
+
+
+def test_show_and_export_existing_bundle(trained_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from training.show import main as show_main
+
+    assert show_main([str(trained_run / "artifacts/quickstart")]) == 0
+    out = capfd.readouterr().out
+    assert "lenet5" in out and "test/acc" in out and "Classes:      10" in out
+    assert export_main(["--bundle", str(tmp_path / "nope")]) == 2
+    assert "nope" in capfd.readouterr().err
+    assert export_main(["--bundle", str(trained_run / "artifacts/quickstart")]) == 0

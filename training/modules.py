@@ -1,0 +1,369 @@
+"""LightningModules: ``ImageClassifier`` and ``AgeRegressor`` around any registered network.
+
+A network (``nn.Module`` from ``models``) is not a system: these modules add the loss, the
+metrics, the optimizer and what a checkpoint must carry to become a bundle. They drop into a
+plain ``Trainer``:
+
+    >>> from data.digits import DigitsDataModule
+    >>> dm = DigitsDataModule()
+    >>> model = ImageClassifier("lenet5", in_channels=dm.in_channels, num_outputs=dm.num_outputs)
+    >>> Trainer(max_epochs=3).fit(model, dm)
+
+or through the CLI: ``python -m training fit -c configs/quickstart.yaml``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+import models  # noqa: F401  (registers every architecture)
+from models.registry import get_model
+
+Interval = Literal["epoch", "step"]
+
+
+def _adam(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only, so checkpoints load with ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _scheduler_class(fn: Any) -> type | None:
+    """The scheduler class behind a callable from the CLI (a ``functools.partial``) or the class itself."""
+    if isinstance(fn, type):
+        return fn
+    if isinstance(fn, partial):
+        for arg in (fn.func, *fn.args):
+            if isinstance(arg, type):
+                return arg
+    return None
+
+
+class ImageTask(LightningModule):
+    """Shared base: network by registry name, optimizer/scheduler callables, checkpoint metadata.
+
+    Subclasses set ``monitor`` / ``monitor_mode`` (what ModelCheckpoint and EarlyStopping watch).
+    """
+
+    monitor: str = "val/loss"
+    monitor_mode: Literal["min", "max"] = "min"
+
+    def __init__(
+        self,
+        net: str = "lenet5",
+        net_kwargs: dict | None = None,
+        in_channels: int = 1,
+        num_outputs: int = 10,
+        optimizer: OptimizerCallable = _adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Interval = "epoch",
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.architecture = net
+        self.architecture_kwargs = _jsonable(
+            {**(net_kwargs or {}), "in_channels": in_channels, "num_outputs": num_outputs}
+        )
+        self.net = get_model(net, **self.architecture_kwargs)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.scheduler_interval = scheduler_interval
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # What a bundle needs beyond the weights; filled from the data module or a loaded checkpoint.
+        self.bundle_info: dict[str, Any] | None = None
+        self.run_config: dict[str, Any] | None = None  # the CLI's config for this run, if any
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)  # (B, C, H, W) -> (B, num_outputs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer, **self._scheduler_length_kwargs())
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = scheduler.monitor if isinstance(scheduler, ReduceLROnPlateau) else self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _scheduler_length_kwargs(self) -> dict[str, Any]:
+        """Fill a OneCycleLR's missing ``total_steps`` from the trainer (steps or epochs per the interval)."""
+        cls = _scheduler_class(self.lr_scheduler)
+        given = self.lr_scheduler.keywords if isinstance(self.lr_scheduler, partial) else {}
+        if cls is None or "total_steps" not in inspect.signature(cls).parameters:
+            return {}
+        if given.get("total_steps") or (given.get("epochs") and given.get("steps_per_epoch")):
+            return {}
+        if self.scheduler_interval == "step":
+            return {"total_steps": int(self.trainer.estimated_stepping_batches)}
+        return {"total_steps": int(self.trainer.max_epochs)}
+
+    # ---- what checkpoints (and so bundles) carry ----
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "bundle_info"):
+            self.bundle_info = _jsonable(dm.bundle_info())
+
+    def svertka_meta(self) -> dict[str, Any]:
+        """``checkpoint["svertka"]``: the data module's bundle info plus the architecture and config."""
+        metrics = {}
+        if self._trainer is not None:  # the validation metrics of the weights being saved
+            for k, v in self.trainer.callback_metrics.items():
+                if k.startswith("val/") and v.numel() == 1:
+                    metrics[k] = float(v)
+        return {
+            **(self.bundle_info or {}),
+            "architecture": self.architecture,
+            "architecture_kwargs": self.architecture_kwargs,
+            "metrics": metrics,
+            "config": _jsonable(self.run_config or {}),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["svertka"] = self.svertka_meta()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("svertka") or {}
+        info = {k: meta[k] for k in ("task", "class_names", "target", "preprocess") if k in meta}
+        if info and self.bundle_info is None:
+            self.bundle_info = info
+        if meta.get("config") and not self.run_config:
+            self.run_config = meta["config"]
+
+
+class ImageClassifier(ImageTask):
+    """Cross-entropy classifier; logs ``{train,val,test}/loss``, ``*/acc``, ``*/f1`` (macro), ``*/top5``.
+
+    ``net``: a registry name (``python -c "import models; print(models.list_models())"``);
+    ``num_outputs`` (classes) and ``in_channels`` come from the data module.
+    """
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        net: str = "lenet5",
+        net_kwargs: dict | None = None,
+        in_channels: int = 1,
+        num_outputs: int = 10,
+        optimizer: OptimizerCallable = _adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Interval = "epoch",
+        channels_last: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(
+            net=net,
+            net_kwargs=net_kwargs,
+            in_channels=in_channels,
+            num_outputs=num_outputs,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scheduler_interval=scheduler_interval,
+            channels_last=channels_last,
+        )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        n = num_outputs
+        metrics: dict[str, Metric] = {
+            "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+            "f1": MulticlassF1Score(num_classes=n, average="macro"),
+        }
+        if n > 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes=n, top_k=5, average="micro")
+        train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.train_metrics = MetricCollection({"acc": train_acc}, prefix="train/")
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.test_confmat = MulticlassConfusionMatrix(num_classes=n)
+        self.test_confusion_matrix: torch.Tensor | None = None  # (N, N) rows = true, cols = predicted
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)  # (B, N)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        metrics.update(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        if stage == "test":
+            self.test_confmat.update(logits, y)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion_matrix = self.test_confmat.compute().cpu()  # synced across processes
+        self.test_confmat.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=-1)  # (B, N) class probabilities
+
+
+class CumulativeScore(Metric):
+    """CS@t: the share of predictions within ``threshold`` of the target (age estimation's usual metric)."""
+
+    full_state_update = False
+
+    def __init__(self, threshold: float = 5.0) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("hits", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.hits += ((preds - target).abs() <= self.threshold).sum()
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.hits / self.total.clamp(min=1)
+
+
+class AgeRegressor(ImageTask):
+    """Regresses one number (age) per image; logs ``*/loss``, ``*/mae`` (monitored), ``*/rmse``, ``*/cs5``.
+
+    ``forward`` returns the raw network output ``(B,)`` (losses need its gradient everywhere);
+    validation, test and predict clamp it to the target range ``[min, max]`` that the data
+    module's ``target`` gives (stored in checkpoints and bundles).
+    """
+
+    monitor = "val/mae"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        net: str = "vgg_small_bn",
+        net_kwargs: dict | None = None,
+        in_channels: int = 3,
+        num_outputs: int = 1,
+        optimizer: OptimizerCallable = _adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Interval = "epoch",
+        channels_last: bool = False,
+        loss: Literal["l1", "mse", "smooth_l1"] = "l1",
+        target: dict | None = None,
+    ) -> None:
+        super().__init__(
+            net=net,
+            net_kwargs=net_kwargs,
+            in_channels=in_channels,
+            num_outputs=num_outputs,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scheduler_interval=scheduler_interval,
+            channels_last=channels_last,
+        )
+        if num_outputs != 1:
+            raise ValueError(f"AgeRegressor predicts one number; got num_outputs={num_outputs}")
+        losses = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
+        if loss not in losses:
+            raise ValueError(f"loss must be one of {sorted(losses)}, got {loss!r}")
+        self.loss_fn = losses[loss]
+        self.target: dict | None = None
+        self._set_target(target)
+        metrics = {
+            "mae": MeanAbsoluteError(),
+            "rmse": MeanSquaredError(squared=False),
+            "cs5": CumulativeScore(5.0),
+        }
+        self.train_metrics = MetricCollection({"mae": MeanAbsoluteError()}, prefix="train/")
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.test_preds, self.test_targets = CatMetric(), CatMetric()
+        self.test_predictions: tuple[torch.Tensor, torch.Tensor] | None = None  # (pred, true) on test
+
+    def _set_target(self, target: dict | None) -> None:
+        """Record the target range; a fresh head starts at its middle (a better start than 0 years)."""
+        if not target or self.target == target:
+            return
+        first = self.target is None
+        self.target = {"name": target.get("name", "age"), "min": float(target["min"]), "max": float(target["max"])}
+        head = getattr(self.net, "head", None)
+        if first and isinstance(head, nn.Linear) and head.bias is not None:  # loaded weights replace it later
+            with torch.no_grad():
+                head.bias.fill_(target.get("mean", (self.target["min"] + self.target["max"]) / 2))
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.bundle_info and self.bundle_info.get("target"):
+            self._set_target(self.bundle_info["target"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).squeeze(-1)  # (B, C, H, W) -> (B,)
+
+    def clamp(self, y: torch.Tensor) -> torch.Tensor:
+        """Clamp predictions to the target range (when known)."""
+        if self.target is None:
+            return y
+        return y.clamp(self.target["min"], self.target["max"])
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch
+        y = y.float()
+        out = self(x)  # (B,)
+        loss = self.loss_fn(out, y)
+        pred = out.detach() if stage == "train" else self.clamp(out)
+        metrics.update(pred, y)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        if stage == "test":
+            self.test_preds.update(pred)
+            self.test_targets.update(y)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_predictions = (self.test_preds.compute().cpu(), self.test_targets.compute().cpu())
+        self.test_preds.reset()
+        self.test_targets.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.clamp(self(x))  # (B,) ages
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        target = (checkpoint.get("svertka") or {}).get("target")
+        if target:
+            self.target = {"name": target.get("name", "age"), "min": float(target["min"]), "max": float(target["max"])}

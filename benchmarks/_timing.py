@@ -1,0 +1,40 @@
+"""A Lightning callback the benchmarks inject into ``python -m training fit`` runs.
+
+It times every training epoch (from the first batch's start to the last batch's end, so
+process start-up, data loading and validation are not counted) and writes images/s per
+epoch as JSON to the file named by ``SVERTKA_BENCH_OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from lightning.pytorch import Callback
+
+
+class EpochTimer(Callback):
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+        self._t0 = 0.0
+        self._n = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._n = 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 == 0.0:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._n += len(batch[0])
+        self._t1 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = self._t1 - self._t0
+        self.epochs.append({"images": self._n, "seconds": seconds, "images_per_s": self._n / seconds})
+        out = os.environ.get("SVERTKA_BENCH_OUT")
+        if out and trainer.is_global_zero:
+            with open(out, "w") as f:
+                json.dump(self.epochs, f)

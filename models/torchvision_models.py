@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from models.registry import register_model
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: it adds seconds to every start-up
+    import torchvision
 
 # name -> smallest square input side supported (tests/test_models.py runs every model at this size).
 # ResNets, MobileNets and EfficientNet run on 28 px (Fashion-MNIST) and end on a 1x1 map; VGG's five
@@ -70,7 +73,7 @@ class TorchvisionNet(nn.Module):
             backbone = _build(arch, num_classes=num_outputs, aux_logits=False)
         _adapt_first_conv(backbone, in_channels, pretrained)
         head_name, head = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear)][-1]
-        if isinstance(backbone, torchvision.models.Inception3):  # the aux branch only serves training-time loss
+        if arch == "inception_v3":  # the aux branch only serves training-time loss
             backbone.aux_logits, backbone.AuxLogits = False, None
         backbone.set_submodule(head_name, nn.Identity())
         if head.out_features != num_outputs:
@@ -100,11 +103,15 @@ def _build(arch: str, num_classes: int, aux_logits: bool, init_weights: bool = T
     """The bare torchvision model (weights, if any, are loaded by us, never downloaded by torchvision)."""
     extra = {"aux_logits": aux_logits, "transform_input": False, "init_weights": init_weights}
     extra = extra if arch == "inception_v3" else {}
+    import torchvision
+
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
 
 
 def _resolve_torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     """ "DEFAULT", "IMAGENET1K_V1" or "ResNet18_Weights.IMAGENET1K_V1" -> the weights enum of ``arch``."""
+    import torchvision
+
     enum = torchvision.models.get_model_weights(arch)
     member = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
     if "." not in member and member in enum.__members__:

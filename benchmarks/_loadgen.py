@@ -1,0 +1,179 @@
+"""Closed-loop HTTP load generator: N clients, each one request in flight, for T seconds; JSON summary out.
+
+    python benchmarks/_loadgen.py --port 3000 --path /classify --files images.txt --clients 32 --seconds 10
+
+Kept cheap so the server gets most of the CPU: one process, one asyncio loop, raw keep-alive
+HTTP/1.1 connections (one per client) and request bytes built once before the clock starts
+(each file becomes a ``multipart/form-data`` upload in the field ``--field``). A request counts
+from writing its first byte to reading its last; requests that start during the warm-up are not
+recorded. Errors are non-2xx answers, broken connections and requests over ``--timeout``.
+Prints one JSON object: requests, errors, requests/s, latency percentiles (ms), the load
+generator's own CPU use, and a few error samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+BOUNDARY = "svertkabenchboundary7d1e"
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def build_request(host: str, path: str, field: str, name: str, data: bytes, extra: dict[str, str]) -> bytes:
+    """One complete ``POST path`` request (headers + multipart body) as bytes."""
+    ctype = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in extra.items()
+    ]
+    parts.append(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{Path(name).name}"\r\n'
+        f"Content-Type: {ctype}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: svertka-loadgen\r\nAccept: */*\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """-> (status, body, keep-alive) of one HTTP/1.1 response (Content-Length or chunked)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip().lower()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunks.append(await reader.readexactly(size + 2))  # data + CRLF
+            if size == 0:
+                break
+        body = b"".join(c[:-2] for c in chunks)
+    else:  # read to close
+        body = await reader.read()
+        return status, body, False
+    return status, body, headers.get("connection") != "close"
+
+
+async def client(
+    i: int, host: str, port: int, requests: list[bytes], t_record: float, t_end: float, timeout: float, out: dict
+) -> None:
+    """One closed-loop client: send, wait for the whole answer, repeat until ``t_end``."""
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    k = i * 7919  # clients start at different images
+    while time.perf_counter() < t_end:
+        req = requests[k % len(requests)]
+        k += 1
+        t0 = time.perf_counter()
+        error = None
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            conn[1].write(req)
+            status, body, keep = await asyncio.wait_for(read_response(conn[0]), timeout)
+            if not keep:
+                conn[1].close()
+                conn = None
+            if not 200 <= status < 300:
+                error = f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, asyncio.TimeoutError) as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+            if conn is not None:
+                conn[1].close()
+            conn = None
+            if not isinstance(e, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)  # a refused connection must not spin
+        t1 = time.perf_counter()
+        out["all"] += 1
+        if t0 >= t_record:
+            out["latency"].append(t1 - t0)
+            out["end"] = max(out["end"], t1)
+            if error:
+                out["errors"][error.split(":")[0]] += 1
+                out["samples"].setdefault(error.split(":")[0], error)
+    if conn is not None:
+        conn[1].close()
+
+
+async def run(args: argparse.Namespace, requests: list[bytes]) -> dict:
+    now = time.perf_counter()
+    t_record = now + args.warmup
+    t_end = t_record + args.seconds
+    out: dict = {"latency": [], "errors": Counter(), "samples": {}, "end": t_record, "all": 0}
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.gather(
+        *(client(i, args.host, args.port, requests, t_record, t_end, args.timeout, out) for i in range(args.clients))
+    )
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    lat = np.asarray(out["latency"]) * 1000
+    n, n_err = len(lat), sum(out["errors"].values())
+    window = max(out["end"] - t_record, 1e-9)
+    pct = np.percentile(lat, [50, 95, 99]) if n else [float("nan")] * 3
+    return {
+        "clients": args.clients,
+        "seconds": round(window, 3),
+        "requests": n,
+        "errors": n_err,
+        "requests_per_s": (n - n_err) / window,
+        "p50_ms": float(pct[0]),
+        "p95_ms": float(pct[1]),
+        "p99_ms": float(pct[2]),
+        "mean_ms": float(lat.mean()) if n else float("nan"),
+        "max_ms": float(lat.max()) if n else float("nan"),
+        "requests_with_warmup": out["all"],
+        "loadgen_cpu_fraction": cpu / (time.perf_counter() - now),  # of one core
+        "error_kinds": dict(out["errors"]),
+        "error_samples": list(out["samples"].values())[:5],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/classify")
+    p.add_argument("--field", default="image", help="multipart field that carries the file")
+    p.add_argument("--form", action="append", default=[], metavar="KEY=VALUE", help="extra text fields")
+    p.add_argument("--files", type=Path, required=True, help="text file: one image path per line")
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before recording starts")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = [Path(s) for s in args.files.read_text().splitlines() if s.strip()]
+    if not paths or args.clients < 1:
+        print(f"error: --files {args.files} lists no images or --clients < 1", file=sys.stderr)
+        return 1
+    extra = dict(kv.split("=", 1) for kv in args.form)
+    host = f"{args.host}:{args.port}"
+    requests = [build_request(host, args.path, args.field, p.name, p.read_bytes(), extra) for p in paths]
+    print(json.dumps(asyncio.run(run(args, requests))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

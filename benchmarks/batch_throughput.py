@@ -1,0 +1,201 @@
+"""Batch labelling throughput: ``python -m serving.batch`` against in-process decode + forward, same files, one run.
+
+    python benchmarks/batch_throughput.py                          # 5,000 UTKFace JPEGs, simple_cnn age model
+    python benchmarks/batch_throughput.py --models simple_cnn,resnet18 --images 10000 --json out.json
+    python benchmarks/batch_throughput.py --quick                  # smoke test: 300 images
+
+The batch script runs as a user runs it (a subprocess over a CSV listing the files, CSV out),
+timed from start to exit; its own ``files/s`` line (which leaves out interpreter start-up) is
+shown too. The upper bound runs here on the same files with the same model, batch size and
+torch threads: ``data.preprocess.load_image`` + the bundle's preprocessing + batched forward
+under ``torch.inference_mode``, once decoding one file after another and once decoding in as
+many threads as the script has decoding workers; the better of the two is the bound. Models
+(random weights, which do not change the speed): ``simple_cnn`` built for 64x64 RGB and
+``resnet18`` at 224x224, both age regressors, the models a user would run over UTKFace-like
+folders. Files are read in place from ``$DATASETS_DIR/UTKFace`` (or ``--data-root``); without
+it, synthetic JPEGs (said in the output). Target: the script reaches at least 0.8 of the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import torch
+from _serve_common import BATCH_MODELS, REPO, BenchError, build_bundle, data_root, parse_list, utkface_files
+from rich.console import Console
+from rich.table import Table
+
+from data.preprocess import eval_transform, load_image, preprocess
+from models.bundle import load_bundle
+
+TARGET = 0.8
+MIN_IMAGES = 5000
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+@torch.inference_mode()
+def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+    """Images/s of decode + preprocess + batched forward here; ``threads`` decoding threads (0: inline)."""
+    model, meta = load_bundle(bundle)
+    spec, transform = meta.preprocess, eval_transform(meta.preprocess)
+
+    def load(path: Path) -> torch.Tensor:
+        return preprocess(load_image(path, spec.channels), spec, transform)  # (C, h, w)
+
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    model(torch.stack([load(p) for p in chunks[0][:2]]))  # warm-up
+    t0 = time.perf_counter()
+    if threads == 0:
+        for chunk in chunks:
+            model(torch.stack([load(p) for p in chunk]))  # (B, C, h, w) -> (B, 1)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            todo, pending = iter(chunks), deque()
+            for chunk in (next(todo, None) for _ in range(2)):  # two batches in flight, as a prefetch
+                if chunk:
+                    pending.append([pool.submit(load, p) for p in chunk])
+            while pending:
+                batch = torch.stack([f.result() for f in pending.popleft()])
+                if (chunk := next(todo, None)) is not None:
+                    pending.append([pool.submit(load, p) for p in chunk])
+                model(batch)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def run_batch_script(bundle: Path, csv: Path, out: Path, batch_size: int, workers: int | None) -> dict:
+    """Run ``python -m serving.batch`` as a user would; wall-clock images/s and its own reported rate."""
+    cmd = [sys.executable, "-m", "serving.batch", "--model", str(bundle), "--input", str(csv), "--output", str(out)]
+    cmd += ["--batch-size", str(batch_size), "--no-progress"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise BenchError(f"{' '.join(cmd[:3])} failed ({r.returncode}): {r.stderr.strip()[-1500:]}")
+    own = re.search(r"\(([\d.]+) files/s\)", r.stderr)
+    return {"seconds": seconds, "own_images_per_s": float(own.group(1)) if own else None, "stderr": r.stderr[-500:]}
+
+
+def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    m = BATCH_MODELS[key]
+    bundle = build_bundle(m, scratch / "bundles")
+    h, w = m.spec.input_size
+    console.print(f"[bold]{key}[/] ({m.arch}, {m.spec.channels}x{h}x{w}, {m.task}, random weights)")
+    threads = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)  # the script's default
+    serial = upper_bound(bundle, files, args.batch_size, 0)
+    console.print(f"  in process, decoding inline:        {serial:8.1f} images/s")
+    threaded = upper_bound(bundle, files, args.batch_size, threads) if threads else serial
+    console.print(f"  in process, {threads} decoding threads:     {threaded:8.1f} images/s")
+    out = scratch / f"{key}_labels.csv"
+    run = run_batch_script(bundle, csv, out, args.batch_size, args.workers)
+    table = pd.read_csv(out)
+    bad = int(table["error"].notna().sum()) if "error" in table else 0
+    if len(table) != len(files) or bad:
+        raise BenchError(f"the batch script wrote {len(table)} rows for {len(files)} files, {bad} with errors")
+    script = len(files) / run["seconds"]
+    console.print(f"  python -m serving.batch (whole run): {script:8.1f} images/s  ({run['seconds']:.1f} s)")
+    bound = max(serial, threaded)
+    return {
+        "model": f"{m.arch} {m.spec.channels}x{h}x{w} {m.task}",
+        "inprocess_inline_images_per_s": serial,
+        "inprocess_threads": threads,
+        "inprocess_threaded_images_per_s": threaded,
+        "upper_bound_images_per_s": bound,
+        "script_images_per_s": script,
+        "script_seconds": run["seconds"],
+        "script_own_images_per_s": run["own_images_per_s"],
+        "ratio": script / bound,
+        "ratio_own": run["own_images_per_s"] / bound if run["own_images_per_s"] else None,
+    }
+
+
+def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
+    table = Table(title=f"Batch labelling, {n} files, batch size {batch_size} (images/s)")
+    cols = ("model", "in process, inline", "in process, threads", "batch script", "script's own", "script / bound")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, r in results.items():
+        own = r["script_own_images_per_s"]
+        table.add_row(
+            f"{key}: {r['model']}",
+            f"{r['inprocess_inline_images_per_s']:.1f}",
+            f"{r['inprocess_threaded_images_per_s']:.1f} ({r['inprocess_threads']})",
+            f"{r['script_images_per_s']:.1f}",
+            f"{own:.1f}" if own else "-",
+            f"{r['ratio']:.2f}",
+        )
+    console.print(table)
+    checks = []
+    for key, r in results.items():
+        text = f"{key}: batch script, whole run, at {r['ratio']:.2f} of the in-process bound (want >= {TARGET})"
+        checks.append((text, r["ratio"] >= TARGET))
+        if r["ratio_own"] is not None:
+            text = f"{key}: batch script's own rate (no start-up) at {r['ratio_own']:.2f} of the bound"
+            checks.append((text, r["ratio_own"] >= TARGET))
+    if n < MIN_IMAGES:
+        checks.append((f"{n} files (the target is measured over at least {MIN_IMAGES})", False))
+    for text, ok in checks:
+        console.print(f"  {'[green]PASS[/]' if ok else '[red]FAIL[/]'}  {text}")
+    return checks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="simple_cnn", help=f"comma-separated: {', '.join(BATCH_MODELS)}")
+    p.add_argument("--images", type=int, default=None, help=f"files to label (default {MIN_IMAGES}; --quick 300)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="the script's --workers (default: its own default)")
+    p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")
+    p.add_argument("--quick", action="store_true", help="a smoke run over 300 files")
+    p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    args = p.parse_args(argv)
+    args.images = args.images or (300 if args.quick else MIN_IMAGES)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        keys = parse_list(args.models, list(BATCH_MODELS), "--models")
+        if args.images < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+            raise BenchError("--images and --batch-size must be positive, --workers 0 or more")
+        root = data_root(args.data_root)
+        with tempfile.TemporaryDirectory(prefix="svertka-batch-bench-") as tmp:
+            scratch = Path(tmp)
+            files, source = utkface_files(root, args.images, scratch)
+            csv = scratch / "inputs.csv"
+            pd.DataFrame({"path": [str(f) for f in files]}).to_csv(csv, index=False)
+            for f in files:  # warm the page cache: both contenders read from memory
+                f.read_bytes()
+            console.print(
+                f"{len(files)} files from {source}; CPUs: {os.cpu_count()}, torch {torch.__version__} "
+                f"({torch.get_num_threads()} threads)"
+            )
+            results = {key: bench_model(key, args, files, csv, scratch) for key in keys}
+    except BenchError as e:
+        console.print(f"error: {e}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    checks = report(results, args.images, args.batch_size)
+    if args.json:
+        payload = {"args": {**vars(args), "json": str(args.json)}, "results": results, "targets": dict(checks)}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

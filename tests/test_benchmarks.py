@@ -1,0 +1,69 @@
+"""The serving benchmarks' own machinery: the load generator counts answers and errors right."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _loadgen  # noqa: E402
+
+
+async def _serve(handler) -> tuple[asyncio.AbstractServer, int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+    return await reader.readexactly(length)
+
+
+def test_request_is_valid_multipart() -> None:
+    req = _loadgen.build_request("h:1", "/classify", "image", "a.png", b"PNGDATA", {"top_k": "3"})
+    head, body = req.split(b"\r\n\r\n", 1)
+    assert b"POST /classify HTTP/1.1" in head and f"Content-Length: {len(body)}".encode() in head
+    assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body
+    assert b"PNGDATA" in body and b'name="top_k"\r\n\r\n3' in body
+
+
+def test_counts_requests_and_errors() -> None:
+    """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies."""
+    calls = {"n": 0}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await _read_request(reader)
+                calls["n"] += 1
+                status = b"200 OK" if calls["n"] % 2 else b"500 Internal Server Error"
+                if calls["n"] % 4 < 2:
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
+                else:
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> dict:
+        server, port = await _serve(handler)
+        args = argparse.Namespace(host="127.0.0.1", port=port, clients=2, seconds=0.5, warmup=0.1, timeout=5.0)
+        async with server:
+            return await _loadgen.run(args, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"])
+
+    out = asyncio.run(main())
+    assert out["requests"] > 10
+    assert out["errors"] == pytest.approx(out["requests"] / 2, abs=2)
+    assert out["error_kinds"] == {"HTTP 500": out["errors"]}
+    assert 0 < out["p50_ms"] <= out["p99_ms"]
+
+
+def test_refused_connection_is_an_error() -> None:
+    args = argparse.Namespace(host="127.0.0.1", port=1, clients=1, seconds=0.2, warmup=0.0, timeout=1.0)
+    out = asyncio.run(_loadgen.run(args, [b"x"]))
+    assert out["requests"] > 0 and out["errors"] == out["requests"] and out["requests_per_s"] == 0

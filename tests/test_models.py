@@ -59,6 +59,15 @@ def test_contract_forward_backward(name: str, in_channels: int, num_outputs: int
     _check_forward_backward(net, in_channels, num_outputs)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("num_outputs", [10, 1])
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("name", [n for n in TORCHVISION if n not in GRAD_CHECKED_TORCHVISION])
+def test_contract_forward_backward_big_torchvision(name: str, in_channels: int, num_outputs: int) -> None:
+    """The same contract for the big backbones (slow: vgg16 alone holds 134M parameters)."""
+    test_contract_forward_backward(name, in_channels, num_outputs)
+
+
 @pytest.mark.parametrize("name", [n for n in TORCHVISION if n not in GRAD_CHECKED_TORCHVISION])
 def test_torchvision_forward_shape(name: str) -> None:
     net = get_model(name, in_channels=1, num_outputs=3).eval()

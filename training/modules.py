@@ -99,6 +99,19 @@ class ImageTask(LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)  # (B, C, H, W) -> (B, num_outputs)
 
+    def _shared_step(self, batch: Any, metrics: Any, stage: str) -> torch.Tensor:
+        """Loss, metric updates and logging for one batch of ``stage`` (train, val or test)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
@@ -214,15 +227,6 @@ class ImageClassifier(ImageTask):
         if stage == "test":
             self.test_confmat.update(logits, y)
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.train_metrics, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         self.test_confusion_matrix = self.test_confmat.compute().cpu()  # synced across processes
@@ -343,15 +347,6 @@ class AgeRegressor(ImageTask):
             self.test_preds.update(pred)
             self.test_targets.update(y)
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.train_metrics, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         self.test_predictions = (self.test_preds.compute().cpu(), self.test_targets.compute().cpu())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -134,3 +136,65 @@ class UTKFaceDataModule(FileDataModule):
             raise MissingDataError(f"UTKFace: no [age]_[gender]_[race]_[date].jpg.chip.jpg images in {folder}")
         split = [name_split(n, self.val_fraction, self.test_fraction) for n in self.index["name"]]
         return pd.DataFrame({"path": self.index["path"], "target": self.index["age"].astype("float32"), "split": split})
+
+
+def link_split(root: str | Path, out: str | Path, split: str = "test", folder: str = "UTKFace",
+               val_fraction: float = 0.1, test_fraction: float = 0.1) -> int:  # fmt: skip
+    """Make ``out/`` a folder of symlinks to one split's images plus ``out/labels.csv`` (name, age, ...).
+
+    The split is the data module's (same fractions, same file-name hash), so a bundle run over
+    ``out/`` with ``python -m serving.batch --truth out/labels.csv`` scores the fit's test set.
+    """
+    dm = UTKFaceDataModule(root=str(root), folder=folder, val_fraction=val_fraction, test_fraction=test_fraction)
+    table = dm.file_table()
+    index = dm.index.loc[table["split"] == split]
+    if index.empty:
+        raise MissingDataError(f"UTKFace: the {split!r} split is empty")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # whole folder or nothing
+    try:
+        for src, name in zip(index["path"], index["name"], strict=True):
+            (tmp / name).symlink_to(Path(src).resolve())
+        index.drop(columns="path").to_csv(tmp / "labels.csv", index=False)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m data.utkface",
+        description="Write one split of UTKFace as a folder of symlinks + labels.csv (for serving.batch --truth).",
+    )
+    p.add_argument("--root", default=os.environ.get("DATASETS_DIR"), help="folder holding UTKFace/ ($DATASETS_DIR)")
+    p.add_argument("--folder", default="UTKFace")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--out", required=True, help="new (or empty) folder")
+    args = p.parse_args(argv)
+    if not args.root:
+        print("error: --root not given and $DATASETS_DIR is not set", file=sys.stderr)
+        return 2
+    try:
+        n = link_split(args.root, args.out, args.split, args.folder, args.val_fraction, args.test_fraction)
+    except (MissingDataError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{n} {args.split} images linked in {args.out} (true ages in {Path(args.out) / 'labels.csv'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

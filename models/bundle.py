@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from data.preprocess import PreprocessSpec
+from models.heads import check_tta
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -48,7 +49,8 @@ class BundleMeta:
     architecture: dict[str, Any]  # {"name": registry name, "kwargs": {...}}
     preprocess: PreprocessSpec
     class_names: list[str] | None = None
-    target: dict[str, Any] | None = None  # {"name": "age", "min": 0.0, "max": 116.0}
+    target: dict[str, Any] | None = None  # {"name": "age", "min": 0.0, "max": 116.0[, "bins": [...]]}
+    tta: list[str] = field(default_factory=list)  # test-time augmentation, e.g. ["hflip"] (models.heads)
     metrics: dict[str, float] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -59,7 +61,15 @@ class BundleMeta:
 
     @property
     def num_outputs(self) -> int:
-        return len(self.class_names) if self.task == "classification" else 1
+        if self.task == "classification":
+            return len(self.class_names or [])
+        return len(self.bins) if self.bins is not None else 1
+
+    @property
+    def bins(self) -> list[float] | None:
+        """Target values of a distribution head (the network outputs one logit per bin), else None."""
+        bins = (self.target or {}).get("bins")
+        return [float(b) for b in bins] if bins else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +78,7 @@ class BundleMeta:
             "architecture": self.architecture,
             "class_names": self.class_names,
             "target": self.target,
+            "tta": self.tta,
             "preprocess": self.preprocess.to_dict(),
             "metrics": self.metrics,
             "training_config": self.training_config,
@@ -115,6 +126,7 @@ def save_bundle(
     target: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
     training_config: dict[str, Any] | None = None,
+    tta: list[str] | None = None,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``out_dir`` (replaced whole, never half-written)."""
     if task not in ("classification", "regression"):
@@ -123,6 +135,10 @@ def save_bundle(
         raise BundleError("a classification bundle needs class_names")
     if task == "regression" and not target:
         raise BundleError("a regression bundle needs a target, e.g. {'name': 'age', 'min': 0, 'max': 116}")
+    try:
+        tta = check_tta(tta)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     kwargs = {k: v for k, v in architecture_kwargs.items() if k != "weights"}  # weights live in the file
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +154,7 @@ def save_bundle(
             preprocess=preprocess,
             class_names=[str(c) for c in class_names] if class_names else None,
             target=_jsonable(target) if target else None,
+            tta=tta,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             training_config=_jsonable(training_config or {}),
             versions=_versions(),
@@ -185,6 +202,7 @@ def read_meta(path: str | Path) -> BundleMeta:
             preprocess=PreprocessSpec.from_dict(raw["preprocess"]),
             class_names=raw.get("class_names"),
             target=raw.get("target"),
+            tta=check_tta(raw.get("tta")),
             metrics=raw.get("metrics") or {},
             training_config=raw.get("training_config") or {},
             versions=raw.get("versions") or {},
@@ -204,6 +222,11 @@ def read_meta(path: str | Path) -> BundleMeta:
         raise BundleError(f"{meta_file}: a classification bundle needs class_names")
     if meta.task == "regression" and not meta.target:
         raise BundleError(f"{meta_file}: a regression bundle needs a target")
+    bins = (meta.target or {}).get("bins") if meta.task == "regression" else None
+    if bins is not None and not (
+        isinstance(bins, list) and len(bins) >= 2 and all(isinstance(b, (int, float)) for b in bins)
+    ):
+        raise BundleError(f"{meta_file}: target 'bins' must be a list of at least two numbers")
     return meta
 
 

@@ -10,12 +10,22 @@ glob. Files are decoded in DataLoader workers and predicted in batches by the sa
 ``label, score, top1_label, top1_score, ...`` for a classifier or the target (``age``) for a
 regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
 The output appears whole or not at all (written to a temporary name, then renamed).
+
+``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
+``name`` column (matched to the inputs by path, else by file name) and the true ``label``
+(classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
+CS@5, and writes them to ``OUTPUT.metrics.json``:
+
+    python -m data.utkface --root $DATASETS_DIR --split test --out /tmp/utk_test   # links + labels.csv
+    python -m serving.batch --model artifacts/utkface_age --input /tmp/utk_test \
+        --output ages.csv --truth /tmp/utk_test/labels.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import time
@@ -177,6 +187,53 @@ def predict(
     return table.reindex(columns=["path", *cols, "error"])
 
 
+def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
+    """The ``--truth`` CSV as ``key`` (path or file name) + ``truth`` columns; ``FatalError`` if unusable."""
+    path = Path(spec)
+    if not path.is_file():
+        raise FatalError(f"--truth {spec}: no such file")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FatalError(f"--truth {spec}: cannot read CSV ({str(e).splitlines()[0]})") from None
+    key = "path" if "path" in table.columns else "name" if "name" in table.columns else None
+    column = "label" if predictor.task == "classification" else predictor.target_name
+    if key is None or column not in table.columns:
+        raise FatalError(
+            f"--truth {spec}: needs a 'path' or 'name' column and a {column!r} column (has: {', '.join(table.columns)})"
+        )
+    out = pd.DataFrame({"key": table[key], "truth": table[column]})
+    if predictor.task != "classification":
+        out["truth"] = pd.to_numeric(out["truth"], errors="coerce")
+        if out["truth"].isna().any():
+            row = int(out["truth"].isna().to_numpy().nonzero()[0][0]) + 2
+            raise FatalError(f"--truth {spec}: line {row}: {column!r} is not a number")
+    return out
+
+
+def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: str) -> dict[str, float]:
+    """Metrics of the predicted rows that have a truth (matched by path, else by file name)."""
+    by_path = dict(zip(truth["key"], truth["truth"], strict=True))
+    by_name = {Path(k).name: v for k, v in by_path.items()}
+    rows = table[table["error"].isna()]
+    known = [by_path.get(p, by_name.get(Path(p).name)) for p in rows["path"]]
+    mask = [k is not None for k in known]
+    if not any(mask):
+        raise FatalError(f"--truth {spec}: none of its rows matches a predicted file (by path or file name)")
+    rows = rows[mask]
+    true = pd.Series([k for k in known if k is not None], index=rows.index)
+    n = float(len(rows))
+    if predictor.task == "classification":
+        return {"n": n, "accuracy": float((rows["label"].astype(str) == true.astype(str)).mean())}
+    err = rows[predictor.target_name].astype(float) - true.astype(float)
+    return {
+        "n": n,
+        "mae": float(err.abs().mean()),
+        "rmse": float((err**2).mean() ** 0.5),
+        "cs5": float((err.abs() <= 5.0).mean()),
+    }
+
+
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
     """``{"label", "score", "top_k": [...]}`` -> ``{"label", "score", "top1_label", "top1_score", ...}``."""
     out = {k: v for k, v in result.items() if k != "top_k"}
@@ -196,6 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a TTY")
+    p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     return p.parse_args(argv)
 
 
@@ -218,8 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+        truth = read_truth(args.truth, predictor) if args.truth else None
         table = predict(predictor, paths, shown, args.batch_size, args.workers, args.top_k, args.progress)
+        metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         write_atomic(table, out)
+        if metrics is not None:
+            metrics_file = out.with_name(out.name + ".metrics.json")
+            tmp = metrics_file.with_name(f".{metrics_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"truth": args.truth, **metrics}, indent=2) + "\n")
+            os.replace(tmp, metrics_file)
     except FatalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -236,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{seconds:.1f} s ({len(table) / seconds:.1f} files/s)",
         file=sys.stderr,
     )
+    if metrics is not None:
+        shown_metrics = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n")
+        print(f"against {args.truth} ({int(metrics['n'])} files): {shown_metrics}", file=sys.stderr)
     return 0
 
 

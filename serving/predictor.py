@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from data.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, eval_transform, load_image, preprocess
+from models import heads
 from models.bundle import BundleMeta, load_bundle
 
 
@@ -75,6 +76,8 @@ class Predictor:
         self.task = self.meta.task
         self.class_names = self.meta.class_names or []
         self.target = self.meta.target or {}
+        bins = self.meta.bins
+        self.bins = torch.tensor(bins, dtype=torch.float32, device=self.device) if bins else None
 
     @property
     def num_classes(self) -> int:
@@ -99,11 +102,9 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` -> class probabilities ``(B, N)`` or clamped regression values ``(B,)``, on CPU."""
-        out = self.model(batch.to(self.device, non_blocking=True)).float()  # (B, C, h, w) -> (B, N)
-        if self.task == "classification":
-            out = out.softmax(dim=1)
-        else:
-            out = out.reshape(out.shape[0], -1)[:, 0]  # (B, 1) -> (B,)
+        x = batch.to(self.device, non_blocking=True)
+        out = heads.predict(self.model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
+        if self.task != "classification":
             out = out.clamp(float(self.target.get("min", -np.inf)), float(self.target.get("max", np.inf)))
         return out.cpu()
 
@@ -124,24 +125,31 @@ class Predictor:
 
     def info(self) -> dict[str, Any]:
         """What ``GET /models`` shows: task, architecture, classes or target, input spec, test metrics."""
-        meta = self.meta
-        h, w = self.spec.input_size
-        out: dict[str, Any] = {
-            "task": meta.task,
-            "architecture": meta.architecture["name"],
-            "input": {
-                "height": h,
-                "width": w,
-                "channels": self.spec.channels,
-                "mean": list(self.spec.mean),
-                "std": list(self.spec.std),
-                "resize": self.spec.resize,
-                "max_pixels": self.max_pixels,
-            },
-            "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
-        }
-        if meta.task == "classification":
-            out["class_names"] = list(self.class_names)
-        else:
-            out["target"] = dict(self.target)
-        return out
+        return describe(self.meta, self.max_pixels)
+
+
+def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """A bundle as ``GET /models`` shows it: task, architecture, classes or target, input, test metrics."""
+    spec = meta.preprocess
+    h, w = spec.input_size
+    out: dict[str, Any] = {
+        "task": meta.task,
+        "architecture": meta.architecture["name"],
+        "input": {
+            "height": h,
+            "width": w,
+            "channels": spec.channels,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "resize": spec.resize,
+            "max_pixels": max_pixels,
+        },
+        "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
+        "tta": list(meta.tta),
+    }
+    if meta.task == "classification":
+        out["class_names"] = list(meta.class_names or [])
+    else:
+        out["target"] = {k: v for k, v in (meta.target or {}).items() if k != "bins"}
+        out["head"] = f"distribution over {len(meta.bins)} values" if meta.bins else "linear"
+    return out

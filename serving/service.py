@@ -251,33 +251,14 @@ def models_info() -> list[dict[str, Any]]:
     """Every served model: tag, task, classes or target range, input spec, recorded test metrics."""
     from models.bundle import read_meta
     from models.store import bundle_dir_for_tag
+    from serving.predictor import describe
 
     out = []
     for tag in MODEL_TAGS:
         stored = bentoml.models.get(tag)
         meta = read_meta(bundle_dir_for_tag(tag))
-        spec = meta.preprocess
-        entry: dict[str, Any] = {
-            "tag": str(stored.tag),
-            "configured_as": tag,
-            "task": meta.task,
-            "architecture": meta.architecture["name"],
-            "input": {
-                "height": spec.input_size[0],
-                "width": spec.input_size[1],
-                "channels": spec.channels,
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-                "resize": spec.resize,
-                "max_pixels": MAX_PIXELS,
-                "max_body_bytes": MAX_BODY_BYTES,
-            },
-            "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
-        }
-        if meta.task == "classification":
-            entry["class_names"] = meta.class_names
-        else:
-            entry["target"] = meta.target
+        entry: dict[str, Any] = {"tag": str(stored.tag), "configured_as": tag, **describe(meta, MAX_PIXELS)}
+        entry["input"]["max_body_bytes"] = MAX_BODY_BYTES
         out.append(entry)
     return out
 

@@ -6,6 +6,7 @@ pytest tests/test_batch.py
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +149,53 @@ def test_glob_input_regressor(setup: dict, tmp_path: Path) -> None:
     assert len(ok) == len(pngs) - 2 and ok["age"].between(0, 116).all()
     for row in ok.itertuples(index=False):
         assert row.age == pytest.approx(float(reference(setup["bundles"]["age"], Path(row.path))[0]), abs=1e-5)
+
+
+def test_truth_scores_regressor_by_name_and_classifier_by_path(setup: dict, tmp_path: Path) -> None:
+    good = setup["good"]
+    ages = {p.name: 10.0 + 3 * i for i, p in enumerate(good)}
+    truth = tmp_path / "labels.csv"
+    pd.DataFrame({"name": list(ages), "age": list(ages.values())}).to_csv(truth, index=False)
+    out = tmp_path / "ages.csv"
+    assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0",
+               "--truth", truth) == 0  # fmt: skip
+    table = pd.read_csv(out).dropna(subset=["age"])
+    err = table["age"] - [ages[Path(p).name] for p in table["path"]]
+    metrics = json.loads((tmp_path / "ages.csv.metrics.json").read_text())
+    assert metrics["n"] == len(good) == len(table)
+    assert metrics["mae"] == pytest.approx(float(err.abs().mean()), abs=1e-9)
+    assert metrics["rmse"] == pytest.approx(float((err**2).mean() ** 0.5), abs=1e-9)
+    assert metrics["cs5"] == pytest.approx(float((err.abs() <= 5).mean()), abs=1e-9)
+
+    labels = tmp_path / "classes.csv"  # classifier, keys are the paths as the output shows them
+    half = good[: len(good) // 2]
+    pd.DataFrame({"path": [str(p) for p in half], "label": ["class_3"] * len(half)}).to_csv(labels, index=False)
+    out = tmp_path / "labels.csv"
+    assert run("--model", setup["bundles"]["clf"], "--input", setup["images"], "--output", out, "--workers", "0",
+               "--truth", labels) == 0  # fmt: skip
+    table = pd.read_csv(out).set_index("path")
+    expected = float((table.loc[[str(p) for p in half], "label"] == "class_3").mean())
+    metrics = json.loads((tmp_path / "labels.csv.metrics.json").read_text())
+    assert metrics == {"truth": str(labels), "n": len(half), "accuracy": pytest.approx(expected)}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("name,years\na.png,3\n", "needs a 'path' or 'name' column and a 'age' column"),
+     ("name,age\nimg00.jpg,old\n", "line 2: 'age' is not a number"),
+     ("name,age\nnot_there.png,3\n", "none of its rows matches")],
+)  # fmt: skip
+def test_bad_truth_file_one_line_no_output(
+    setup: dict, tmp_path: Path, content: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    truth = tmp_path / "truth.csv"
+    truth.write_text(content)
+    out = tmp_path / "out.csv"
+    assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0",
+               "--truth", truth) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --truth {truth}") and message in err[0], err
+    assert not out.exists() and not list(tmp_path.glob("*.json"))
 
 
 def _fatal(setup: dict, tmp_path: Path, case: str) -> tuple[list[str], Path]:

@@ -26,7 +26,7 @@ from data.digits import DigitsDataModule
 from data.folder import CSVDataModule, ImageFolderDataModule
 from data.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
 from data.preprocess import PreprocessSpec, eval_transform
-from data.utkface import UTKFaceDataModule, index_folder, parse_name
+from data.utkface import UTKFaceDataModule, index_folder, link_split, parse_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,6 +335,16 @@ def test_utkface_folder(tmp_path: Path) -> None:
     assert np.array_equal(dm2.splits["test"].targets, dm.splits["test"].targets)
     with pytest.raises(MissingDataError, match="UTKFace"):
         UTKFaceDataModule(root=str(tmp_path / "empty")).setup()
+    # the test split as a folder of links + labels.csv (for serving.batch --truth): same files as dm's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = link_split(tmp_path / "ds", tmp_path / "test_split", "test", val_fraction=0.2, test_fraction=0.2)
+    labels = pd.read_csv(tmp_path / "test_split" / "labels.csv")
+    assert n == len(labels) == len(dm.splits["test"].targets)
+    assert sorted(labels["age"]) == sorted(dm.splits["test"].targets.astype(int).tolist())
+    assert all((tmp_path / "test_split" / name).is_symlink() for name in labels["name"])
+    with pytest.raises(FileExistsError, match="not empty"):
+        link_split(tmp_path / "ds", tmp_path / "test_split", "test")
 
 
 # ---------- LightningCLI-style config ----------

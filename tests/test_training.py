@@ -151,6 +151,49 @@ def test_regressor_metrics_clamp_and_plots(tmp_path: Path) -> None:
     assert bundle["task"] == "regression" and bundle["target"]["max"] == 100.0
 
 
+def test_distribution_head_with_flip_tta_bundle_scores_like_test_step(tmp_path: Path) -> None:
+    """DEX/DLDL head + flip TTA: the bundle (through serving's Predictor) reproduces the test step's MAE."""
+    from serving.predictor import Predictor
+
+    dm = TinyAgeDataModule()
+    model = AgeRegressor("lenet5", in_channels=3, head="distribution", value_range=(0, 100), tta_hflip=True)
+    assert model.net.head.out_features == 101 and model.hparams.num_outputs == 1
+    trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=None, limit_val_batches=None,
+                           limit_test_batches=None, callbacks=[ExportBundle(tmp_path / "bundle")])  # fmt: skip
+    trainer.fit(model, dm)
+    res = trainer.test(model, dm, verbose=False)[0]
+    pred, true = model.test_predictions
+    assert float(pred.min()) >= 0 and float(pred.max()) <= 100
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert meta["tta"] == ["hflip"] and meta["target"]["bins"] == [float(i) for i in range(101)]
+    assert meta["architecture"]["kwargs"]["num_outputs"] == 101
+    predictor = Predictor(tmp_path / "bundle", device="cpu")
+    assert predictor.info()["head"] == "distribution over 101 values" and "bins" not in predictor.info()["target"]
+    x = torch.cat([x for x, _ in dm.test_dataloader()])
+    served = predictor.predict_tensors(x)
+    assert torch.allclose(served, pred, atol=1e-4)
+    assert float((served - true).abs().mean()) == pytest.approx(res["test/mae"], abs=1e-4)
+    # flip averaging is real: the mirrored image alone gives other numbers
+    predictor.meta.tta = []
+    assert not torch.allclose(predictor.predict_tensors(x), served, atol=1e-4)
+
+
+def test_classifier_flip_tta_in_test_step_and_bundle(tmp_path: Path) -> None:
+    dm = DigitsDataModule(batch_size=64)
+    model = ImageClassifier("lenet5", in_channels=1, num_outputs=10, tta_hflip=True)
+    trainer = tiny_trainer(tmp_path, callbacks=[ExportBundle(tmp_path / "bundle")])
+    trainer.fit(model, dm)
+    res = trainer.test(model, dm, verbose=False)[0]
+    x, y = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        probs = model.predict_step(x, 0)
+        plain = model(x).softmax(-1)
+        mirrored = model(x.flip(-1)).softmax(-1)
+    assert torch.allclose(probs, (plain + mirrored) / 2, atol=1e-6)
+    assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tta"] == ["hflip"]
+    assert 0.0 <= res["test/acc"] <= 1.0
+
+
 def test_losses_and_bad_arguments() -> None:
     for loss in ("l1", "mse", "smooth_l1"):
         AgeRegressor("lenet5", in_channels=3, loss=loss)
@@ -158,6 +201,10 @@ def test_losses_and_bad_arguments() -> None:
         AgeRegressor("lenet5", in_channels=3, loss="huber")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="known models: .*lenet5"):
         ImageClassifier("no_such_net")
+    with pytest.raises(ValueError, match="head must be"):
+        AgeRegressor("lenet5", head="ordinal")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="value_range"):
+        AgeRegressor("lenet5", head="distribution", value_range=(5, 5))
     with pytest.raises(ValueError, match="label_smoothing"):
         ImageClassifier("lenet5", label_smoothing=1.5)
 
@@ -185,9 +232,17 @@ def test_channels_last_gives_same_outputs() -> None:
 # ---------------------------------------------------------------- configs
 
 
+def _offline(cfg: dict) -> dict:
+    """No pretrained download here (the loader of local weight files has its own tests)."""
+    kwargs = (cfg["model"].get("init_args") or {}).get("net_kwargs") or {}
+    if kwargs.get("weights"):
+        kwargs["weights"] = None
+    return cfg
+
+
 def _tiny_config(cfg_path: Path, out_dir: Path) -> Path:
     """The config with its data swapped for tiny offline data of the same kind, under the same file name."""
-    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg = _offline(yaml.safe_load(cfg_path.read_text()))
     init = cfg["data"].get("init_args") or {}
     size = init.get("input_size", 28)
     if cfg["model"]["class_path"].endswith("AgeRegressor"):
@@ -212,8 +267,11 @@ def test_config_fast_dev_run(cfg_path: Path, tmp_path: Path, monkeypatch: pytest
 @pytest.mark.datasets
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_fast_dev_run_real_data(cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each recipe as written (only pretrained weights dropped) trains 2 batches on the real data set."""
     monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
-    args = ["fit", "-c", str(cfg_path), "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu"]
+    cfg = tmp_path / cfg_path.name
+    cfg.write_text(yaml.safe_dump(_offline(yaml.safe_load(cfg_path.read_text()))))
+    args = ["fit", "-c", str(cfg), "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu"]
     assert main(args) == 0
 
 

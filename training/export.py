@@ -59,6 +59,7 @@ def write_bundle(
         target=meta.get("target"),
         metrics=metrics,
         training_config=meta.get("config") or {},
+        tta=meta.get("tta") or [],
     )
 
 

@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 import models  # noqa: F401  (registers every architecture)
+from models import heads
 from models.registry import get_model
 
 Interval = Literal["epoch", "step"]
@@ -74,9 +75,12 @@ class ImageTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        tta_hflip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # Test-time augmentation for val/test/predict and for the exported bundle (models.heads).
+        self.tta: list[str] = ["hflip"] if tta_hflip else []
         self.architecture = net
         self.architecture_kwargs = _jsonable(
             {**(net_kwargs or {}), "in_channels": in_channels, "num_outputs": num_outputs}
@@ -94,10 +98,14 @@ class ImageTask(LightningModule):
         self.bundle_info: dict[str, Any] | None = None
         self.run_config: dict[str, Any] | None = None  # the CLI's config for this run, if any
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's own output ``(B, num_outputs)``: logits, or values / bin logits for regression."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)  # (B, C, H, W) -> (B, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x)
 
     def _shared_step(self, batch: Any, metrics: Any, stage: str) -> torch.Tensor:
         """Loss, metric updates and logging for one batch of ``stage`` (train, val or test)."""
@@ -151,6 +159,7 @@ class ImageTask(LightningModule):
             **(self.bundle_info or {}),
             "architecture": self.architecture,
             "architecture_kwargs": self.architecture_kwargs,
+            "tta": list(self.tta),
             "metrics": metrics,
             "config": _jsonable(self.run_config or {}),
         }
@@ -188,6 +197,7 @@ class ImageClassifier(ImageTask):
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
         label_smoothing: float = 0.0,
+        tta_hflip: bool = False,
     ) -> None:
         super().__init__(
             net=net,
@@ -198,6 +208,7 @@ class ImageClassifier(ImageTask):
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            tta_hflip=tta_hflip,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -220,12 +231,14 @@ class ImageClassifier(ImageTask):
         x, y = batch
         logits = self(x)  # (B, N)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        metrics.update(logits, y)
+        # val/test score what a bundle would predict (probabilities, with test-time augmentation)
+        scores = logits if stage == "train" else heads.predict(self.raw, x, "classification", tta=self.tta, raw=logits)
+        metrics.update(scores, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
         if stage == "test":
-            self.test_confmat.update(logits, y)
+            self.test_confmat.update(scores, y)
         return loss
 
     def on_test_epoch_end(self) -> None:
@@ -234,7 +247,7 @@ class ImageClassifier(ImageTask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=-1)  # (B, N) class probabilities
+        return heads.predict(self.raw, x, "classification", tta=self.tta)  # (B, N) class probabilities
 
 
 class CumulativeScore(Metric):
@@ -259,9 +272,18 @@ class CumulativeScore(Metric):
 class AgeRegressor(ImageTask):
     """Regresses one number (age) per image; logs ``*/loss``, ``*/mae`` (monitored), ``*/rmse``, ``*/cs5``.
 
-    ``forward`` returns the raw network output ``(B,)`` (losses need its gradient everywhere);
-    validation, test and predict clamp it to the target range ``[min, max]`` that the data
-    module's ``target`` gives (stored in checkpoints and bundles).
+    ``head``:
+
+    - ``"linear"``: the network outputs the value itself; ``loss`` (L1, MSE or smooth L1) on it.
+    - ``"distribution"`` (DEX / DLDL-v2): the network outputs logits over the values
+      ``value_range[0], value_range[0] + 1, ..., value_range[1]``; the prediction is their
+      expected value. The loss is ``loss`` on that expectation plus the cross-entropy to a
+      Gaussian label distribution of width ``label_sigma`` around the true value.
+
+    ``forward`` returns the unclamped prediction ``(B,)`` (losses need its gradient everywhere);
+    validation, test and predict use ``models.heads.predict`` (as a bundle does: with flip
+    averaging when ``tta_hflip``) and clamp to the target range ``[min, max]`` from the data
+    module's ``target`` (stored in checkpoints and bundles).
     """
 
     monitor = "val/mae"
@@ -279,23 +301,39 @@ class AgeRegressor(ImageTask):
         channels_last: bool = False,
         loss: Literal["l1", "mse", "smooth_l1"] = "l1",
         target: dict | None = None,
+        head: Literal["linear", "distribution"] = "linear",
+        value_range: tuple[float, float] = (0.0, 116.0),
+        label_sigma: float = 2.0,
+        tta_hflip: bool = False,
     ) -> None:
+        if num_outputs != 1:
+            raise ValueError(f"AgeRegressor predicts one number; got num_outputs={num_outputs}")
+        if head not in ("linear", "distribution"):
+            raise ValueError(f"head must be 'linear' or 'distribution', got {head!r}")
+        lo, hi = (float(v) for v in value_range)
+        if head == "distribution" and not hi - lo >= 1:
+            raise ValueError(f"value_range must be [low, high] with high >= low + 1, got {list(value_range)}")
+        if label_sigma <= 0:
+            raise ValueError(f"label_sigma must be > 0, got {label_sigma}")
+        bins = torch.arange(lo, hi + 0.5, 1.0) if head == "distribution" else None  # one bin per unit
         super().__init__(
             net=net,
             net_kwargs=net_kwargs,
             in_channels=in_channels,
-            num_outputs=num_outputs,
+            num_outputs=len(bins) if bins is not None else 1,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            tta_hflip=tta_hflip,
         )
-        if num_outputs != 1:
-            raise ValueError(f"AgeRegressor predicts one number; got num_outputs={num_outputs}")
         losses = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
         if loss not in losses:
             raise ValueError(f"loss must be one of {sorted(losses)}, got {loss!r}")
         self.loss_fn = losses[loss]
+        self.head = head
+        self.label_sigma = float(label_sigma)
+        self.register_buffer("bins", bins, persistent=False)  # (K,) or None
         self.target: dict | None = None
         self._set_target(target)
         metrics = {
@@ -310,13 +348,14 @@ class AgeRegressor(ImageTask):
         self.test_predictions: tuple[torch.Tensor, torch.Tensor] | None = None  # (pred, true) on test
 
     def _set_target(self, target: dict | None) -> None:
-        """Record the target range; a fresh head starts at its middle (a better start than 0 years)."""
+        """Record the target range; a fresh linear head starts at its middle (a better start than 0 years)."""
         if not target or self.target == target:
             return
         first = self.target is None
         self.target = {"name": target.get("name", "age"), "min": float(target["min"]), "max": float(target["max"])}
         head = getattr(self.net, "head", None)
-        if first and isinstance(head, nn.Linear) and head.bias is not None:  # loaded weights replace it later
+        linear = self.bins is None
+        if first and linear and isinstance(head, nn.Linear) and head.bias is not None:  # loaded weights replace it
             with torch.no_grad():
                 head.bias.fill_(target.get("mean", (self.target["min"] + self.target["max"]) / 2))
 
@@ -325,8 +364,14 @@ class AgeRegressor(ImageTask):
         if self.bundle_info and self.bundle_info.get("target"):
             self._set_target(self.bundle_info["target"])
 
+    def svertka_meta(self) -> dict[str, Any]:
+        meta = super().svertka_meta()
+        if self.bins is not None and meta.get("target"):  # a bundle needs the bins to decode the logits
+            meta["target"] = {**meta["target"], "bins": self.bins.tolist()}
+        return meta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).squeeze(-1)  # (B, C, H, W) -> (B,)
+        return heads.decode(self.raw(x), "regression", self.bins)  # (B, C, H, W) -> (B,)
 
     def clamp(self, y: torch.Tensor) -> torch.Tensor:
         """Clamp predictions to the target range (when known)."""
@@ -337,9 +382,15 @@ class AgeRegressor(ImageTask):
     def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch
         y = y.float()
-        out = self(x)  # (B,)
+        raw = self.raw(x)  # (B, 1) or (B, K)
+        out = heads.decode(raw, "regression", self.bins)  # (B,)
         loss = self.loss_fn(out, y)
-        pred = out.detach() if stage == "train" else self.clamp(out)
+        if self.bins is not None:
+            loss = loss + F.cross_entropy(raw.float(), heads.gaussian_targets(y, self.bins, self.label_sigma))
+        if stage == "train":
+            pred = out.detach()
+        else:
+            pred = self.clamp(heads.predict(self.raw, x, "regression", self.bins, self.tta, raw=raw))
         metrics.update(pred, y)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
@@ -355,7 +406,7 @@ class AgeRegressor(ImageTask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.clamp(self(x))  # (B,) ages
+        return self.clamp(heads.predict(self.raw, x, "regression", self.bins, self.tta))  # (B,) ages
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -143,6 +144,9 @@ def test_regressor_metrics_clamp_and_plots(tmp_path: Path) -> None:
     plots = tmp_path / "plots"
     for name in ("curves.png", "age_scatter.png", "age_mae_by_decade.png"):
         assert (plots / name).stat().st_size > 1000, name
+    decades = pd.read_csv(plots / "age_mae_by_decade.csv")
+    assert decades["n"].iloc[:-1].sum() == decades["n"].iloc[-1] == len(true)
+    assert decades["mae"].iloc[-1] == pytest.approx(float((pred - true).abs().mean()), abs=1e-4)
     x = torch.full((2, 3, 32, 32), 50.0)  # absurd input -> raw output far outside [0, 100]
     with torch.no_grad():
         out = model.predict_step(x, 0)

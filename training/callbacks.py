@@ -141,7 +141,7 @@ def plot_confusion_matrix(cm: torch.Tensor, class_names: list[str] | None, path:
 
 
 def plot_age_errors(pred: torch.Tensor, true: torch.Tensor, out_dir: Path) -> list[Path]:
-    """Predicted vs true scatter, and MAE per decade of true age, as two PNGs."""
+    """Predicted vs true scatter and MAE per decade of true age (two PNGs), and that table as a CSV."""
     plt = _pyplot()
     pred, true = pred.float().flatten(), true.float().flatten()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,10 @@ def plot_age_errors(pred: torch.Tensor, true: torch.Tensor, out_dir: Path) -> li
     bars_path = out_dir / "age_mae_by_decade.png"
     fig.savefig(bars_path, dpi=100)
     plt.close(fig)
-    return [scatter, bars_path]
+    table = out_dir / "age_mae_by_decade.csv"  # the numbers behind the bars
+    rows = [f"{lab},{n},{v:.4f}" for lab, n, v in zip(labels, counts, values, strict=True)]
+    table.write_text("\n".join(["decade,n,mae", *rows, f"all,{len(true)},{mae:.4f}"]) + "\n")
+    return [scatter, bars_path, table]
 
 
 class ExportBundle(Callback):

@@ -94,6 +94,14 @@ def resolve_model(spec: str) -> Path:
         raise FatalError(f"--model {spec}: no such bundle folder, and {e}") from None
 
 
+def read_csv(path: Path, option: str) -> pd.DataFrame:
+    """A CSV as strings; ``FatalError`` naming ``option`` when it cannot be parsed."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FatalError(f"{option}: cannot read CSV ({str(e).splitlines()[0]})") from None
+
+
 def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
     """Paths to read and how each is shown in the output (as listed in the CSV, or as found)."""
     path = Path(spec)
@@ -103,10 +111,7 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
             raise FatalError(f"--input {spec}: no image files in this folder ({', '.join(sorted(IMAGE_EXTS))})")
         return found, [str(p) for p in found]
     if path.is_file() and path.suffix.lower() == ".csv":
-        try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise FatalError(f"--input {spec}: cannot read CSV ({str(e).splitlines()[0]})") from None
+        table = read_csv(path, f"--input {spec}")
         if "path" not in table.columns:
             raise FatalError(f"--input {spec}: the CSV needs a 'path' column (has: {', '.join(table.columns)})")
         shown = [p for p in table["path"].tolist()]
@@ -192,10 +197,7 @@ def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
     path = Path(spec)
     if not path.is_file():
         raise FatalError(f"--truth {spec}: no such file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise FatalError(f"--truth {spec}: cannot read CSV ({str(e).splitlines()[0]})") from None
+    table = read_csv(path, f"--truth {spec}")
     key = "path" if "path" in table.columns else "name" if "name" in table.columns else None
     column = "label" if predictor.task == "classification" else predictor.target_name
     if key is None or column not in table.columns:

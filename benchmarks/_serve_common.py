@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +93,19 @@ BATCH_MODELS = {
         images="utkface",
     ),
 }
+
+
+def print_checks(console: Any, checks: list[tuple[str, bool]]) -> None:
+    """One PASS/FAIL line per ``(target, met)`` pair (``console``: a rich Console)."""
+    for text, ok in checks:
+        console.print(f"  {'[green]PASS[/]' if ok else '[red]FAIL[/]'}  {text}")
+
+
+def write_json(path: Path | None, args: Any, results: dict, checks: list[tuple[str, bool]]) -> None:
+    """Every number of a run (its arguments, results and targets met) to ``path``, if one was given."""
+    if path:
+        payload = {"args": {**vars(args), "json": str(path)}, "results": results, "targets": dict(checks)}
+        path.write_text(json.dumps(payload, indent=2, default=str))
 
 
 def parse_list(raw: str, known: Sequence[str], option: str) -> list[str]:

@@ -19,7 +19,6 @@ it, synthetic JPEGs (said in the output). Target: the script reaches at least 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -32,7 +31,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _serve_common import BATCH_MODELS, REPO, BenchError, build_bundle, data_root, parse_list, utkface_files
+from _serve_common import (
+    BATCH_MODELS,
+    REPO,
+    BenchError,
+    build_bundle,
+    data_root,
+    parse_list,
+    print_checks,
+    utkface_files,
+    write_json,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -146,8 +155,7 @@ def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
             checks.append((text, r["ratio_own"] >= TARGET))
     if n < MIN_IMAGES:
         checks.append((f"{n} files (the target is measured over at least {MIN_IMAGES})", False))
-    for text, ok in checks:
-        console.print(f"  {'[green]PASS[/]' if ok else '[red]FAIL[/]'}  {text}")
+    print_checks(console, checks)
     return checks
 
 
@@ -190,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
-    checks = report(results, args.images, args.batch_size)
-    if args.json:
-        payload = {"args": {**vars(args), "json": str(args.json)}, "results": results, "targets": dict(checks)}
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    write_json(args.json, args, results, report(results, args.images, args.batch_size))
     return 0
 
 

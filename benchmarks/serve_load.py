@@ -38,9 +38,11 @@ from _serve_common import (
     fashion_png_bytes,
     free_port,
     parse_list,
+    print_checks,
     server,
     tree_cpu_seconds,
     utkface_files,
+    write_json,
 )
 from rich.console import Console
 from rich.table import Table
@@ -193,8 +195,7 @@ def report(results: dict, clients: list[int]) -> list[tuple[str, bool]]:
         ratio = s["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("inf")
         want = TARGETS.get(key, 1.0)
         checks.append((f"{key}, {top} clients: ours / baseline req/s = {ratio:.2f}x (want >= {want}x)", ratio >= want))
-    for text, ok in checks:
-        console.print(f"  {'[green]PASS[/]' if ok else '[red]FAIL[/]'}  {text}")
+    print_checks(console, checks)
     return checks
 
 
@@ -243,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
-    checks = report(results, args.clients)
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
-                                         "targets": dict(checks)}, indent=2, default=str))  # fmt: skip
+    write_json(args.json, args, results, report(results, args.clients))
     return 0
 
 

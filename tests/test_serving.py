@@ -319,6 +319,10 @@ def test_estimate_age(server: str, store: dict) -> None:
 
 
 def test_models_endpoint(server: str, store: dict) -> None:
+    def shown_metrics(key: str) -> dict:  # what GET /models shows: the bundle's test metrics
+        metrics = read_meta(store["bundles"][key]).metrics
+        return {k: pytest.approx(v) for k, v in metrics.items() if k.startswith("test")}
+
     for r in (httpx.get(f"{server}/models"), httpx.post(f"{server}/models")):
         assert r.status_code == 200, r.text
         models = {m["tag"]: m for m in r.json()["models"]}
@@ -326,26 +330,10 @@ def test_models_endpoint(server: str, store: dict) -> None:
         clf, age = models[store["clf_tag"]], models[store["age_tag"]]
         assert clf["task"] == "classification" and clf["class_names"] == CLASSES
         assert clf["input"]["height"] == 28 and clf["input"]["channels"] == 1
-        assert (
-            clf["metrics"]
-            == {
-                k: pytest.approx(v)
-                for k, v in read_meta(store["bundles"]["clf"]).metrics.items()
-                if k.startswith("test")
-            }
-            and "test/acc" in clf["metrics"]
-        )
+        assert clf["metrics"] == shown_metrics("clf") and "test/acc" in clf["metrics"]
         assert age["task"] == "regression" and age["target"] == AGE_TARGET
         assert age["input"]["width"] == 32 and age["input"]["channels"] == 3
-        assert (
-            age["metrics"]
-            == {
-                k: pytest.approx(v)
-                for k, v in read_meta(store["bundles"]["age"]).metrics.items()
-                if k.startswith("test")
-            }
-            and "test/mae" in age["metrics"]
-        )
+        assert age["metrics"] == shown_metrics("age") and "test/mae" in age["metrics"]
 
 
 def test_concurrent_requests_batched_and_correct(server: str, store: dict) -> None:

@@ -155,6 +155,18 @@ def test_regressor_metrics_clamp_and_plots(tmp_path: Path) -> None:
     assert bundle["task"] == "regression" and bundle["target"]["max"] == 100.0
 
 
+def test_linear_head_bias_starts_at_mean_training_target(tmp_path: Path) -> None:
+    """A fresh linear head starts at the mean training age, not the middle of the range; the bundle is unchanged."""
+    dm = TinyAgeDataModule(n=300)  # train ages ~ U(1, 99) over 100 images: the mean is not exactly 50
+    model = AgeRegressor("lenet5", in_channels=3, num_outputs=1)
+    trainer = tiny_trainer(tmp_path, limit_train_batches=0, limit_val_batches=0)
+    trainer.fit(model, dm)  # setup only: no step has moved the bias
+    mean = float(dm.splits["train"].targets.mean())
+    assert abs(mean - 50.0) > 0.5
+    assert float(model.net.head.bias.detach()) == pytest.approx(mean, abs=1e-4)
+    assert model.svertka_meta()["target"] == {"name": "age", "min": 0.0, "max": 100.0}
+
+
 def test_distribution_head_with_flip_tta_bundle_scores_like_test_step(tmp_path: Path) -> None:
     """DEX/DLDL head + flip TTA: the bundle (through serving's Predictor) reproduces the test step's MAE."""
     from serving.predictor import Predictor

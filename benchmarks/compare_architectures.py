@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -182,16 +183,21 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
     if not rows:
         return
     xs = [r["macs"] / 1e6 for r in rows]
-    right = max(xs) / (max(xs) / min(xs)) ** 0.2 if len(rows) > 1 else max(xs) + 1  # the right fifth (log)
+    ys = [100 * r["test_acc"] for r in rows]
+    span_x = math.log10(max(xs) / min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for r, x in zip(rows, xs, strict=True):
-        y = 100 * r["test_acc"]
+    above: list[tuple[float, float]] = []  # points whose label went above them (highest point first)
+    for r, x, y in sorted(zip(rows, xs, ys, strict=True), key=lambda t: -t[2]):
         ax.scatter(x, y, s=30 + 60 * (r["params"] / max(q["params"] for q in rows)) ** 0.5, zorder=3)
-        left = x > right  # labels of the rightmost points go to their left, inside the axes
+        crowded = any(  # a higher point close by: this label goes below its point
+            abs(math.log10(x / px) / span_x) < 0.25 and abs(y - py) / span_y < 0.1 for px, py in above
+        )
+        if not crowded:
+            above.append((x, y))
         ax.annotate(
-            r["name"], (x, y), textcoords="offset points", xytext=(-6 if left else 6, 4),
-            ha="right" if left else "left", fontsize=9,
-        )  # fmt: skip
+            r["name"], (x, y), textcoords="offset points", xytext=(0, -15 if crowded else 7), ha="center", fontsize=9
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -67,8 +67,8 @@ def test_table_has_one_row_per_model() -> None:
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_architectures.py"
 
 
-def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_from_json_rerenders_table_and_plot(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_from_json_bad_file_is_one_error_line(tmp_path: Path) -> None:
 @pytest.mark.skipif(not os.environ.get("DATASETS_DIR"), reason="needs DATASETS_DIR (the real Fashion-MNIST)")
 def test_quick_run_on_real_data(tmp_path: Path) -> None:
     """--quick end to end on the real Fashion-MNIST: real fits in subprocesses, JSON, table, plot."""
-    proc = _run("--quick", "--models", "lenet5", "simple_cnn", "--work-dir", str(tmp_path), env={**os.environ})
+    proc = _run("--quick", "--models", "lenet5", "simple_cnn", "--work-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((tmp_path / "quick" / "arch_compare.json").read_text())
     assert [r["name"] for r in results["models"]] == ["lenet5", "simple_cnn"] and results["settings"]["quick"]

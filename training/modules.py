@@ -144,8 +144,13 @@ class ImageTask(LightningModule):
         return {"total_steps": int(self.trainer.max_epochs)}
 
     # ---- what checkpoints (and so bundles) carry ----
+    @property
+    def datamodule(self) -> Any:
+        """The trainer's data module (None outside a trainer, or when it was given dataloaders)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self.datamodule
         if dm is not None and hasattr(dm, "bundle_info"):
             self.bundle_info = _jsonable(dm.bundle_info())
 
@@ -368,8 +373,7 @@ class AgeRegressor(ImageTask):
         super().setup(stage)
         if self.bundle_info and self.bundle_info.get("target"):
             target = dict(self.bundle_info["target"])
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            train = (getattr(dm, "splits", None) or {}).get("train")
+            train = (getattr(self.datamodule, "splits", None) or {}).get("train")
             if train is not None and len(train.targets):  # a fresh linear head starts at the mean training target
                 target["mean"] = float(np.mean(train.targets))
             self._set_target(target)

@@ -219,15 +219,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"home": home, "bundles": bundles, "clf_tag": clf_tag, "age_tag": age_tag, "root": root}
 
 
-@pytest.fixture(scope="module")
-def server(store: dict) -> Iterator[str]:
-    """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
+@contextmanager
+def start_server(home: Path, models: str, log_path: Path, **env: str) -> Iterator[str]:
+    """`bentoml serve` at the repo root on a free port; yields its URL once /readyz says ready, stops it after."""
     port = free_port()
-    with open(store["root"] / "serve.log", "w+") as log:
+    with open(log_path, "w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--port", str(port), "--host", "127.0.0.1"],
             cwd=REPO,
-            env=serve_env(store["home"], "test_clf,test_age:latest"),
+            env=serve_env(home, models, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -251,6 +251,13 @@ def server(store: dict) -> Iterator[str]:
             yield url
         finally:
             stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(store: dict) -> Iterator[str]:
+    """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
+    with start_server(store["home"], "test_clf,test_age:latest", store["root"] / "serve.log") as url:
+        yield url
 
 
 def classify(url: str, data: bytes, name: str = "image.png", **fields) -> httpx.Response:
@@ -616,5 +623,6 @@ def test_bentoml_build_packs_service_and_models(store: dict) -> None:
     # BentoML 1.4 records the models by tag; they travel with the Bento on export/containerize
     assert [m["tag"] for m in info["services"][0]["models"]] == [store["clf_tag"], store["age_tag"]]
     assert {e["name"]: e["value"] for e in info["envs"]}["SVERTKA_MODELS"] == "test_clf:latest,test_age:latest"
-    for f in ("serving/service.py", "serving/predictor.py", "models/bundle.py", "data/preprocess.py"):
+    for f in ("serving/service.py", "serving/predictor.py", "serving/static/index.html", "models/bundle.py",
+              "data/preprocess.py"):  # fmt: skip
         assert (bento / "src" / f).is_file(), f

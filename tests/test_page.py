@@ -82,7 +82,7 @@ def served(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
         clf = save_bundle_to_bentoml(bundles["clf"], "page_clf")
         age = save_bundle_to_bentoml(bundles["age"], "page_age")
     with start_server(home, "page_clf,page_age", root / "serve.log") as url:
-        yield {"url": url, "clf": clf, "age": age, "faces": faces}
+        yield {"url": url, "clf": clf, "age": age, "faces": faces, "home": home, "root": root}
 
 
 def mark_face_model(bundle: Path) -> bool:
@@ -495,6 +495,39 @@ def test_page_asks_for_a_token_on_401_and_retries(page: Any, served: dict) -> No
     expect(page.locator("#models-status")).to_contain_text("401")
     expect(page.locator("#models-status")).to_contain_text("missing or bad token")
     page.shots("page_token_refused")
+
+
+def test_page_behind_a_real_token(browser: Any, served: dict, tmp_path: Path) -> None:
+    """With #13's token middleware (skipped before serving/auth.py is merged): a browser opening ``/`` gets the
+    middleware's token form, which stores the token and loads the page; the page then sends it with every call."""
+    from playwright.sync_api import expect
+
+    if importlib.util.find_spec("serving.auth") is None:
+        pytest.skip("token auth (#13, serving/auth.py) is not in this branch")
+    models = "page_clf,page_age"
+    with start_server(served["home"], models, served["root"] / "serve_token.log", SVERTKA_API_TOKEN=TOKEN) as url:
+        assert httpx.get(f"{url}/models").status_code == 401
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            sent: list[str | None] = []
+            page.on("request", lambda r: sent.append(r.headers.get("authorization")) if r.method == "POST" else None)
+            page.goto(f"{url}/")
+            page.fill("input[type=password]", TOKEN)
+            page.keyboard.press("Enter")
+            expect(page.locator('input[name="model"]')).to_have_count(2)
+            data, _ = digit_png(4)
+            upload(page, "digit.png", data, "image/png")
+            wait_answer(page)
+            expect(page.locator("#label")).to_be_visible()
+            assert dialogs == [] and sent == [f"Bearer {TOKEN}"]
+            assert page.evaluate("sessionStorage.getItem('svertka_token')") == TOKEN
+            Shots(page, tmp_path)("page_behind_token")
+        finally:
+            context.close()
 
 
 def test_page_keyboard_and_phone_width(browser: Any, served: dict, tmp_path: Path) -> None:

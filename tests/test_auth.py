@@ -3,7 +3,7 @@ without / with a wrong / with an empty / with the right token, rotation by editi
 free of tokens; start-up refusals (bad token file, a bundle that names outside weights) and the warning
 of an open server.
 
-    pytest tests/test_auth.py          # one server with a token (~20 s to start) and three short starts
+    pytest tests/test_auth.py          # a server with a token, one without (~20 s each to start), one refusal
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ ENDPOINTS = ["POST /classify", "POST /estimate_age", "GET /models", "POST /model
 REFUSED = {  # Authorization header -> words of the 401's reason
     "none": (None, "missing api token"),
     "wrong": (f"Bearer {WRONG}", "invalid api token"),
-    "empty Bearer": ("Bearer ", "empty api token"),
+    "empty Bearer": ("Bearer", "empty api token"),  # "Bearer " as curl sends it: h11 strips the space
     "Basic": (f"Basic {TOKEN_A}", "must be 'bearer <token>'"),
 }
 
@@ -145,9 +145,9 @@ def test_root_needs_the_token_and_browsers_get_a_prompt(server: dict) -> None:
     assert page.headers["content-type"].startswith("text/html")
     assert "sessionStorage.setItem(KEY" in page.text and '"svertka_token"' in page.text
     assert "document.open()" in page.text and "Authorization" in page.text and TOKEN_A not in page.text
-    # with the token, / is whatever the service serves there (the page, once it exists): not a 401
+    # with the token: whatever the service serves at / (BentoML's UI, or the Svertka page once it exists)
     r = httpx.get(url + "/", headers={"Authorization": f"Bearer {TOKEN_A}", "Accept": "text/html"})
-    assert r.status_code != 401
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
 
 
 def test_health_endpoints_stay_open(server: dict) -> None:
@@ -220,6 +220,7 @@ def test_bundle_with_outside_weights_stops_the_server(store: dict) -> None:
     assert "'auth_bad:latest'" in line and "architecture argument 'weights' is refused" in line, line
 
 
+@pytest.mark.slow  # ~12 s; test_startup_exits_with_one_line_on_a_bad_file checks the same in process
 def test_missing_token_file_stops_the_server(store: dict) -> None:
     missing = store["root"] / "no_such_tokens.txt"
     line = _start_fails(store, "auth_clf", SVERTKA_API_TOKEN_FILE=str(missing))
@@ -228,7 +229,7 @@ def test_missing_token_file_stops_the_server(store: dict) -> None:
 
 def test_open_server_warns_once(store: dict) -> None:
     """No token and BENTOML_HOST=0.0.0.0 (what `bentoml serve` binds by default): one warning, two workers."""
-    env = serve_env(store["home"], "auth_clf", BENTOML_HOST="0.0.0.0", SVERTKA_WORKERS="2")
+    env = {**serve_env(store["home"], "auth_clf", BENTOML_HOST="0.0.0.0"), "SVERTKA_WORKERS": "2"}
     with running([sys.executable, "-m", "bentoml", "serve"], env, store["root"] / "open.log") as (url, log):
         assert httpx.get(f"{url}/models").status_code == 200  # no token: the README's local flow works
     warnings = [line for line in log.read_text().splitlines() if "warning: no API token" in line]

@@ -23,6 +23,8 @@ input gets a 4xx JSON ``{"error": ...}``, never a 500. Settings (environment var
     SVERTKA_DEVICE          cpu, cuda, cuda:1, ...                   (cuda when available)
     SVERTKA_ACCESS_LOG      1: log every request                     (0)
     SVERTKA_METRICS         1: Prometheus metrics at /metrics        (0)
+    SVERTKA_API_TOKEN       require Authorization: Bearer <token>    (unset: open; serving/auth.py)
+    SVERTKA_API_TOKEN_FILE  the same, tokens one a line, re-read on change
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
-from serving import page
+from serving import auth, page
 from serving.predictor import Predictor
 
 DEFAULT_MODELS = "quickstart:latest"
@@ -84,11 +86,12 @@ def check_models(tags: list[str]) -> None:
     """Stop with one clear line when a configured model is not in the store (before any worker starts)."""
     from bentoml.exceptions import BentoMLException
 
+    from models.bundle import read_meta
     from models.store import bundle_dir_for_tag
 
     for tag in tags:
         try:
-            bundle_dir_for_tag(tag)
+            read_meta(bundle_dir_for_tag(tag))  # a bundle.json that would load anything from outside: refused
         except (BentoMLException, ValueError) as e:
             sys.exit(
                 f"error: SVERTKA_MODELS names {tag!r}: {e}. Save a bundle there with "
@@ -372,6 +375,7 @@ Svertka = bentoml.service(
     metrics={"enabled": METRICS},
     envs=[{"name": "SVERTKA_MODELS", "value": ",".join(MODEL_TAGS)}],
 )(bentoml.asgi_app(info_app, path="/")(_Svertka))
+Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=auth.startup())  # first: outermost, before any body
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
 
 __all__ = ["Svertka", "Batcher", "BodyLimitMiddleware", "models_info"]

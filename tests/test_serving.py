@@ -343,6 +343,18 @@ def test_models_endpoint(server: str, store: dict) -> None:
         assert age["metrics"] == shown_metrics("age") and "test/mae" in age["metrics"]
 
 
+def test_page_is_served_self_contained(server: str) -> None:
+    """The page at / (tests/test_page.py drives it in Chromium): one HTML file, a CSP, nothing from elsewhere."""
+    r = httpx.get(f"{server}/", headers={"accept": "text/html"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    for external in ('src="http', "src='http", 'href="http', "@import", "url(http", "//fonts."):
+        assert external not in r.text, external
+    docs = httpx.get(f"{server}/docs")  # BentoML's OpenAPI page moved here from /
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
 def test_concurrent_requests_batched_and_correct(server: str, store: dict) -> None:
     images = list(sample_images().items())
     expected = {name: classify(server, data, name, top_k=10).json() for name, data in images}

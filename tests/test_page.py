@@ -497,6 +497,7 @@ def test_page_asks_for_a_token_on_401_and_retries(page: Any, served: dict) -> No
     page.reload()
     expect(page.locator("#models-status")).to_contain_text("401")
     expect(page.locator("#models-status")).to_contain_text("missing or bad token")
+    assert page.evaluate("sessionStorage.getItem('svertka_token')") is None  # refused: not kept
     page.shots("page_token_refused")
 
 

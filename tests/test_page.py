@@ -543,6 +543,9 @@ def test_page_keyboard_and_phone_width(browser: Any, served: dict, tmp_path: Pat
     try:
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
+        # Playwright turns file-chooser interception on without waiting for it: a listener from the start
+        # makes sure it is on before the key press below (else the chooser can open unseen, natively).
+        page.on("filechooser", lambda chooser: None)
         open_page(page, served["url"])
         unlabelled = page.evaluate(
             """() => [...document.querySelectorAll("input, button, select, textarea")]

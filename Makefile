@@ -8,9 +8,10 @@ CONFIG ?= quickstart
 MODEL ?= quickstart:latest
 PORT ?= 3000
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all lint format serve bento batch-demo bench clean
+.PHONY: help install browser demo test test-slow test-all lint format serve bento batch-demo bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,6 +23,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools
+
+browser: ## install Debian's chromium for the page test, tests/test_page.py (apt-get; sudo unless root)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
+	@chromium --version
 
 demo: $(STAMP) ## train the quickstart model (digits + LeNet-5), test it, export its bundle
 	$(PY) -m training fit -c configs/quickstart.yaml

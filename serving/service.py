@@ -4,6 +4,7 @@
     curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
     curl -F image=@face.jpg localhost:3000/estimate_age
     curl localhost:3000/models
+    open http://localhost:3000/     # a page to try every served model in a browser (serving/page.py)
 
 The service is thin: every model is a ``serving.predictor.Predictor`` (the batch script uses the
 same class). Uploads are decoded (small ones on the event loop, large ones in a thread pool)
@@ -48,7 +49,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
-from serving import auth
+from serving import auth, page
 from serving.predictor import Predictor
 
 DEFAULT_MODELS = "quickstart:latest"
@@ -271,8 +272,9 @@ async def _get_models(request: Request) -> JSONResponse:
     return JSONResponse({"models": await anyio.to_thread.run_sync(models_info)})
 
 
-# GET /models (BentoML API routes are POST only): a tiny Starlette app mounted beside the APIs.
-info_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"])])
+# GET /models (BentoML API routes are POST only) and the page at / (serving/page.py, which moves
+# BentoML's OpenAPI page to /docs): a tiny Starlette app mounted beside the APIs.
+info_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"]), *page.routes])
 
 
 class _Svertka:

@@ -219,15 +219,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"home": home, "bundles": bundles, "clf_tag": clf_tag, "age_tag": age_tag, "root": root}
 
 
-@pytest.fixture(scope="module")
-def server(store: dict) -> Iterator[str]:
-    """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
+@contextmanager
+def start_server(home: Path, models: str, log_path: Path, **env: str) -> Iterator[str]:
+    """`bentoml serve` at the repo root on a free port; yields its URL once /readyz says ready, stops it after."""
     port = free_port()
-    with open(store["root"] / "serve.log", "w+") as log:
+    with open(log_path, "w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--port", str(port), "--host", "127.0.0.1"],
             cwd=REPO,
-            env=serve_env(store["home"], "test_clf,test_age:latest"),
+            env=serve_env(home, models, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -251,6 +251,13 @@ def server(store: dict) -> Iterator[str]:
             yield url
         finally:
             stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(store: dict) -> Iterator[str]:
+    """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
+    with start_server(store["home"], "test_clf,test_age:latest", store["root"] / "serve.log") as url:
+        yield url
 
 
 def classify(url: str, data: bytes, name: str = "image.png", **fields) -> httpx.Response:
@@ -334,6 +341,18 @@ def test_models_endpoint(server: str, store: dict) -> None:
         assert age["task"] == "regression" and age["target"] == AGE_TARGET
         assert age["input"]["width"] == 32 and age["input"]["channels"] == 3
         assert age["metrics"] == shown_metrics("age") and "test/mae" in age["metrics"]
+
+
+def test_page_is_served_self_contained(server: str) -> None:
+    """The page at / (tests/test_page.py drives it in Chromium): one HTML file, a CSP, nothing from elsewhere."""
+    r = httpx.get(f"{server}/", headers={"accept": "text/html"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    for external in ('src="http', "src='http", 'href="http', "@import", "url(http", "//fonts."):
+        assert external not in r.text, external
+    docs = httpx.get(f"{server}/docs")  # BentoML's OpenAPI page moved here from /
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
 def test_concurrent_requests_batched_and_correct(server: str, store: dict) -> None:
@@ -616,5 +635,6 @@ def test_bentoml_build_packs_service_and_models(store: dict) -> None:
     # BentoML 1.4 records the models by tag; they travel with the Bento on export/containerize
     assert [m["tag"] for m in info["services"][0]["models"]] == [store["clf_tag"], store["age_tag"]]
     assert {e["name"]: e["value"] for e in info["envs"]}["SVERTKA_MODELS"] == "test_clf:latest,test_age:latest"
-    for f in ("serving/service.py", "serving/predictor.py", "models/bundle.py", "data/preprocess.py"):
+    for f in ("serving/service.py", "serving/predictor.py", "serving/static/index.html", "models/bundle.py",
+              "data/preprocess.py"):  # fmt: skip
         assert (bento / "src" / f).is_file(), f

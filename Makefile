@@ -18,10 +18,10 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools
+install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools and Ray
 
 demo: $(STAMP) ## train the quickstart model (digits + LeNet-5), test it, export its bundle
 	$(PY) -m training fit -c configs/quickstart.yaml

@@ -424,4 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from serving import batch  # run as ``serving.batch``, not ``__main__``: one FatalError class for every engine
+
+    sys.exit(batch.main())

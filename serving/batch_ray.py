@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ def connect(opts: RayOptions) -> bool:
     """Join the cluster at ``opts.address``, or start a local Ray sized for decoding + actors; True if started here."""
     import ray
 
-    if ray.is_initialized():  # e.g. the tests' shared session
+    if opts.address:
+        check_reachable(opts.address)
+    if ray.is_initialized():  # called from a Ray driver that is already connected (e.g. the tests' session)
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
     try:
@@ -122,8 +125,22 @@ def connect(opts: RayOptions) -> bool:
             ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"--address {opts.address}" if opts.address else "--engine ray"
-        raise FatalError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0]})") from None
+        hint = ""
+        if opts.address and os.environ.get("RAY_AUTH_MODE") is None:
+            hint = "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and copy its ~/.ray/auth_token"
+        raise FatalError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0]}){hint}") from None
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """``host:port``: ``FatalError`` at once if nothing listens there (``ray.init`` would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():  # "auto", ray://..., or a form Ray checks itself
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FatalError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
 
 
 def bundle_files(bundle: Path) -> dict[str, bytes]:

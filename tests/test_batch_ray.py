@@ -8,9 +8,11 @@ CPU to the decoding tasks) serves every in-process test; ``serving.batch`` reuse
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +246,62 @@ def test_ray_engine_from_the_command_line(setup: dict, tmp_path: Path) -> None:
     summary = r.stderr.strip().splitlines()[-1]
     assert summary.startswith(f"wrote 32 rows to {out}: 30 predicted, 2 unreadable;") and "files/s" in summary
     assert len(pd.read_csv(out)) == 32
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--engine", "ray", "--address", f"127.0.0.1:{_closed_port()}"], "no Ray head answers there"),
+        (["--address", "auto"], "--address needs --engine ray"),
+        (["--engine", "ray", "--workers", "0"], "--workers must be 1 or more with --engine ray"),
+        (["--engine", "ray", "--num-gpus-per-worker", "-1"], "--num-gpus-per-worker must be 0 or more"),
+    ],
+)
+def test_bad_ray_options_one_line_no_output(
+    setup: dict, tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out.csv"
+    assert run("--model", setup["bundles"]["clf"], "--input", setup["images"], "--output", out, *extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_joins_a_ray_cluster_started_with_ray_start(setup: dict, tmp_path: Path) -> None:
+    """``ray start --head``, then ``--address HOST:PORT``: the code and the bundle travel with the job."""
+    port = _closed_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false", "--block"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: killed as a whole below, other Rays untouched
+    )
+    try:
+        out, folder = tmp_path / "ages.parquet", tmp_path / "ages"
+        cmd = [sys.executable, "-m", "serving.batch", "--model", str(setup["bundles"]["age"]), "--input",
+               str(setup["images"]), "--output", str(out), "--output", f"{folder}/", "--engine", "ray",
+               "--address", f"127.0.0.1:{port}", "--no-progress"]  # fmt: skip
+        for _ in range(60):  # the head takes a few seconds to listen
+            env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the head's token is in ~/.ray/auth_token
+            r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+            if "no Ray head answers there" not in r.stderr:
+                break
+        assert r.returncode == 0, r.stderr[-2000:]
+        local = tmp_path / "local.csv"
+        assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", local) == 0
+        assert_same_rows(pd.read_parquet(out), pd.read_csv(local))
+        assert_same_rows(pd.read_parquet(folder), pd.read_csv(local))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=15)
+        os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` leaves the GCS behind on SIGTERM
+        head.wait(timeout=30)

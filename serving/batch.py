@@ -11,6 +11,12 @@ glob. Files are decoded in DataLoader workers and predicted in batches by the sa
 regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
 The output appears whole or not at all (written to a temporary name, then renamed).
 
+``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
+predictors; a local Ray, or a cluster): see ``serving/batch_ray.py`` and docs/BATCH.md. ``--output``
+may be repeated, and ``DIR/`` writes a Parquet dataset folder (one file per block):
+
+    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --output ages.csv --engine ray
+
 ``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
 ``name`` column (matched to the inputs by path, else by file name) and the true ``label``
 (classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
@@ -358,6 +364,8 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
                 raise FatalError(f"--{name.replace('_', '-')} needs --engine ray")
     elif args.num_gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise FatalError("--num-gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
+    elif str(args.device).startswith("cuda") and not args.num_gpus_per_worker:
+        raise FatalError(f"--device {args.device} with --engine ray needs --num-gpus-per-worker (GPUs per actor)")
     if args.engine == "local" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
     outputs = [(spec, check_output(spec)) for spec in args.output]

@@ -122,7 +122,8 @@ def connect(opts: RayOptions) -> bool:
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
         else:
             cpus = (os.cpu_count() or 1) + math.ceil(opts.workers * opts.cpus_per_worker)
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+            # "local": a new Ray of our own, even when `ray start --head` runs on this machine
+            ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"--address {opts.address}" if opts.address else "--engine ray"
         hint = ""

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def make_bundles(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ray_session() -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024**2)
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024**2)
     yield
     ray.shutdown()
 
@@ -305,3 +306,6 @@ def test_joins_a_ray_cluster_started_with_ray_start(setup: dict, tmp_path: Path)
             head.wait(timeout=15)
         os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` leaves the GCS behind on SIGTERM
         head.wait(timeout=30)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # what `ray stop` would remove
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

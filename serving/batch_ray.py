@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -86,7 +87,10 @@ class Forward:
         folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
         for name, data in files.items():
             (folder / name).write_bytes(data)
-        self.predictor = Predictor(folder, device=device, max_pixels=max_pixels)
+        try:
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:

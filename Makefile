@@ -19,10 +19,10 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools
+install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools and Ray
 
 browser: ## install Debian's chromium for the page test, tests/test_page.py (apt-get; sudo unless root)
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \

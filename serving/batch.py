@@ -11,6 +11,12 @@ glob. Files are decoded in DataLoader workers and predicted in batches by the sa
 regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
 The output appears whole or not at all (written to a temporary name, then renamed).
 
+``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
+predictors; a local Ray, or a cluster): see ``serving/batch_ray.py`` and docs/BATCH.md. ``--output``
+may be repeated, and ``DIR/`` writes a Parquet dataset folder (one file per block):
+
+    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --output ages.csv --engine ray
+
 ``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
 ``name`` column (matched to the inputs by path, else by file name) and the true ``label``
 (classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
@@ -27,9 +33,10 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +66,17 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return i, self.loader(self.paths[i]), None
-        except ImageError as e:
-            return i, None, str(e)
-        except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
-            return i, None, f"cannot read file ({e.strerror or e})"
+        return (i, *load_one(self.loader, self.paths[i]))
+
+
+def load_one(loader: ImageLoader, path: str | Path) -> tuple[torch.Tensor | None, str | None]:
+    """A file -> ``(tensor, None)``, or ``(None, why)`` when it cannot be used; never raises on a bad file."""
+    try:
+        return loader(path), None
+    except ImageError as e:
+        return None, str(e)
+    except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
+        return None, f"cannot read file ({e.strerror or e})"
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None, dict]:
@@ -127,28 +139,98 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
 
 
 def check_output(spec: str) -> Path:
+    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
     out = Path(spec)
-    if out.suffix.lower() not in OUTPUT_EXTS:
-        raise FatalError(f"--output {spec}: the name must end in .csv or .parquet")
+    if is_dataset(spec):
+        if out.exists():
+            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
+    elif out.suffix.lower() not in OUTPUT_EXTS:
+        raise FatalError(
+            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
+        )
+    elif out.is_dir():
+        raise FatalError(f"--output {spec}: is a folder")
     if not out.parent.is_dir():
         raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise FatalError(f"--output {spec}: is a folder")
     return out
 
 
-def write_atomic(table: pd.DataFrame, out: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: the output is whole or absent."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+def is_dataset(spec: str | Path) -> bool:
+    """An ``--output`` ending in ``/`` names a Parquet dataset folder (one file per block)."""
+    return str(spec).endswith(("/", os.sep))
+
+
+def temp_name(out: Path) -> Path:
+    """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file or folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_outputs(
+    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
+) -> None:
+    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
+
+    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
+    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
+    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
+    """
+    written: list[tuple[Path, Path]] = []
     try:
-        if out.suffix.lower() == ".parquet":
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        for spec, out in outputs:
+            tmp = temp_name(out)
+            written.append((tmp, out))
+            if tmp in prewritten:
+                continue
+            if is_dataset(spec):
+                tmp.mkdir()
+                table.to_parquet(tmp / "part-00000.parquet", index=False)
+            elif out.suffix.lower() == ".parquet":
+                table.to_parquet(tmp, index=False)
+            else:
+                table.to_csv(tmp, index=False)
+        for tmp, out in written:
+            os.replace(tmp, out)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in {*prewritten, *(t for t, _ in written)}:
+            remove(tmp)
         raise
+
+
+def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
+    """The output columns and their pandas dtypes, the same for every engine and every block."""
+    if predictor.task == "classification":
+        k = max(1, min(top_k, predictor.num_classes))
+        cols = {"label": "string", "score": "float64"}
+        for j in range(1, k + 1):
+            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
+    else:
+        cols = {predictor.target_name: "float64"}
+    return {"path": "string", **cols, "error": "string"}
+
+
+def build_rows(
+    predictor: Predictor, shown: str, output: torch.Tensor | None, error: str | None, top_k: int
+) -> list[dict[str, Any]]:
+    """The output rows of one input file: its prediction (a row of ``predict_tensors``) or its ``error``.
+
+    Every engine builds its rows here, so a new kind of row or column reaches them all.
+    """
+    result = flatten(predictor.format(output, top_k)) if output is not None else {}
+    return [{"path": shown, **result, "error": error}]
+
+
+def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
+    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
+    cols = columns(predictor, top_k)
+    return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)
 
 
 def predict(
@@ -172,24 +254,18 @@ def predict(
         pin_memory=predictor.device.type == "cuda",
         persistent_workers=False,
     )
-    results: list[dict[str, Any]] = [{} for _ in paths]
+    outputs: list[torch.Tensor | None] = [None] * len(paths)
     errors: dict[int, str] = {}
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
     for idx, batch, errs in loader:
         errors.update(errs)
         if batch is not None:
             for i, row in zip(idx, predictor.predict_tensors(batch), strict=True):  # (B, C, h, w) -> (B, ...)
-                results[i] = flatten(predictor.format(row, top_k))
+                outputs[i] = row
         bar.update(len(idx) + len(errs))
     bar.close()
-    rows = [{"path": s, **r, "error": errors.get(i)} for i, (s, r) in enumerate(zip(shown, results, strict=True))]
-    table = pd.DataFrame(rows)
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = ["label", "score"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "score")]
-    else:
-        cols = [predictor.target_name]
-    return table.reindex(columns=["path", *cols, "error"])
+    rows = [r for i, s in enumerate(shown) for r in build_rows(predictor, s, outputs[i], errors.get(i), top_k)]
+    return to_table(rows, predictor, top_k)
 
 
 def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
@@ -248,42 +324,89 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="bundle folder or BentoML model tag")
     p.add_argument("--input", required=True, help="folder (recursive), CSV with a 'path' column, or glob")
-    p.add_argument("--output", required=True, help="FILE.csv or FILE.parquet")
+    p.add_argument(
+        "--output",
+        required=True,
+        action="append",
+        help="FILE.csv, FILE.parquet or DIR/ (a Parquet dataset folder, one file per block); repeat for several",
+    )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: none)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local engine: decoding processes (0: none; default min(4, CPUs)); ray engine: model actors (default 1)",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a TTY")
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
+    ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default)")
+    ray.add_argument("--address", default=None, help="Ray cluster to join (host:port, auto, ray://...); default: local")
+    ray.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (0: CPU actors)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (its torch threads)")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Option values that cannot work -> ``FatalError``; the checked ``(spec, path)`` outputs."""
+    for name in ("batch_size", "top_k", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < (1 if args.engine == "ray" else 0):
+        least = "1 or more with --engine ray" if args.engine == "ray" else "0 or more"
+        raise FatalError(f"--workers must be {least}, got {args.workers}")
+    if args.engine == "local":
+        for name in ("address", "num_gpus_per_worker"):
+            if getattr(args, name):
+                raise FatalError(f"--{name.replace('_', '-')} needs --engine ray")
+    elif args.num_gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise FatalError("--num-gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
+    elif str(args.device).startswith("cuda") and not args.num_gpus_per_worker:
+        raise FatalError(f"--device {args.device} with --engine ray needs --num-gpus-per-worker (GPUs per actor)")
+    if args.engine == "local" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
+    outputs = [(spec, check_output(spec)) for spec in args.output]
+    paths = [out.resolve() for _, out in outputs]
+    if len(set(paths)) < len(paths):
+        raise FatalError(f"--output: the same path is given twice ({', '.join(args.output)})")
+    return outputs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        for name in ("batch_size", "top_k", "max_pixels"):
-            if getattr(args, name) < 1:
-                raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if args.workers < 0:
-            raise FatalError(f"--workers must be 0 or more, got {args.workers}")
-        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-            raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
-        out = check_output(args.output)
+        outputs = check_args(args)
         paths, shown = resolve_inputs(args.input)
+        bundle = resolve_model(args.model)
+        device = "cpu" if args.engine == "ray" else args.device  # Ray: the driver only reads the bundle
         try:
-            predictor = Predictor(resolve_model(args.model), device=args.device, max_pixels=args.max_pixels)
+            predictor = Predictor(bundle, device=device, max_pixels=args.max_pixels)
         except BundleError as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         truth = read_truth(args.truth, predictor) if args.truth else None
-        table = predict(predictor, paths, shown, args.batch_size, args.workers, args.top_k, args.progress)
-        metrics = score(table, truth, predictor, args.truth) if truth is not None else None
-        write_atomic(table, out)
+        if args.engine == "ray":
+            from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
+
+            ray_opts = RayOptions(args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker)
+            table, rows, bad = run_ray(
+                predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
+                progress=args.progress, keep_table=truth is not None,
+            )  # fmt: skip
+            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+        else:
+            workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+            table = predict(predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress)
+            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+            write_outputs(table, outputs)
+            rows, bad = len(table), int(table["error"].notna().sum())
         if metrics is not None:
-            metrics_file = out.with_name(out.name + ".metrics.json")
+            metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
             tmp = metrics_file.with_name(f".{metrics_file.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps({"truth": args.truth, **metrics}, indent=2) + "\n")
             os.replace(tmp, metrics_file)
@@ -294,13 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
     except OSError as e:  # writing the output (disk full, permissions, ...)
-        print(f"error: --output {args.output}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: --output {', '.join(args.output)}: {e.strerror or e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    bad = int(table["error"].notna().sum())
     print(
-        f"wrote {len(table)} rows to {out}: {len(table) - bad} predicted, {bad} unreadable; "
-        f"{seconds:.1f} s ({len(table) / seconds:.1f} files/s)",
+        f"wrote {rows} rows to {', '.join(str(out) for _, out in outputs)}: {rows - bad} predicted, {bad} unreadable; "
+        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
         file=sys.stderr,
     )
     if metrics is not None:
@@ -310,4 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from serving import batch  # run as ``serving.batch``, not ``__main__``: one FatalError class for every engine
+
+    sys.exit(batch.main())

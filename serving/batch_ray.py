@@ -5,10 +5,11 @@
         --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows: reading, decoding
-and preprocessing run as parallel Ray tasks (``decode_batch``), the forward runs in a pool of
-``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and building
-its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
+calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
+reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
+PIL only, so those workers start without torch), the bundle's preprocessing and the forward run in
+a pool of ``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and
+building its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
 it; the input files must be readable at the same path on every node (a shared file system).
 
@@ -40,13 +41,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.imagefile import ImageError
 from models.bundle import META_FILE, WEIGHTS_FILE
-from serving.batch import FatalError, build_rows, is_dataset, load_one, remove, temp_name, to_table, write_outputs
-from serving.predictor import ImageLoader, Predictor
+from serving.batch import FatalError, build_rows, is_dataset, remove, temp_name, to_table, write_outputs
+from serving.batch_decode import decode_files
+from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block: a decoding task reads this many batches
-DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (a worker with torch: ~400 MB)
+DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (its batches of decoded images)
 
 
 @dataclass(frozen=True)
@@ -57,23 +60,6 @@ class RayOptions:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-
-
-def decode_batch(batch: dict[str, np.ndarray], loader: ImageLoader) -> dict[str, np.ndarray]:
-    """A Ray task: read, decode and preprocess files -> ``x`` ``(B, C, h, w)`` float32 and ``error`` ('' if ok)."""
-    torch.set_num_threads(1)
-    tensors, errors = [], []
-    for file in batch["file"]:
-        x, err = load_one(loader, str(file))
-        tensors.append(x)
-        errors.append(err or "")
-    good = next((x for x in tensors if x is not None), None)
-    shape = tuple(good.shape) if good is not None else (loader.spec.channels, *loader.spec.input_size)
-    x = np.zeros((len(tensors), *shape), np.float32)
-    for j, t in enumerate(tensors):
-        if t is not None:
-            x[j] = t.numpy()
-    return {"path": batch["path"], "x": x, "error": np.asarray(errors, dtype=object)}
 
 
 class Forward:
@@ -94,15 +80,23 @@ class Forward:
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        good = np.flatnonzero(batch["error"] == "")
+        errors = [str(e) or None for e in batch["error"]]
+        tensors: dict[int, torch.Tensor] = {}
+        for j, image in enumerate(batch["image"]):
+            if errors[j] is None:
+                try:  # the bundle's preprocessing, as the local engine's loader applies it
+                    tensors[j] = self.predictor.loader.preprocess(np.asarray(image))
+                except ImageError as e:
+                    errors[j] = str(e)
         outputs: list[torch.Tensor | None] = [None] * len(batch["path"])
-        if len(good):
-            for j, row in zip(good, self.predictor.predict_tensors(torch.from_numpy(batch["x"][good])), strict=True):
+        if tensors:
+            batch_x = torch.stack(list(tensors.values()))  # (B, C, h, w)
+            for j, row in zip(tensors, self.predictor.predict_tensors(batch_x), strict=True):
                 outputs[j] = row
         rows = [
             r
             for j, path in enumerate(batch["path"])
-            for r in build_rows(self.predictor, str(path), outputs[j], batch["error"][j] or None, self.top_k)
+            for r in build_rows(self.predictor, str(path), outputs[j], errors[j], self.top_k)
         ]
         return to_table(rows, self.predictor, self.top_k)
 
@@ -171,17 +165,17 @@ def pipeline(
     ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    files = pd.DataFrame({"file": [str(p.resolve()) for p in paths], "path": list(shown)})
-    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * (os.cpu_count() or 1))))
+    items = [{"file": str(p.resolve()), "path": s} for p, s in zip(paths, shown, strict=True)]
+    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * (os.cpu_count() or 1))))
     per_block = max(1, per_block)  # big jobs: a few batches per decoding task; small ones: still parallel
-    blocks = [files.iloc[i : i + per_block] for i in range(0, len(files), per_block)]
     threads = max(1, int(opts.cpus_per_worker))
     return (
-        ray.data.from_pandas(blocks)
+        # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
+        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
         .map_batches(
-            decode_batch,
+            decode_files,
             batch_size=batch_size,
-            fn_kwargs={"loader": predictor.loader},
+            fn_kwargs={"channels": predictor.spec.channels, "max_pixels": predictor.max_pixels},
             num_cpus=1,
             # A memory request of their own also keeps Ray Data from fusing the decoding into the
             # actors (it fuses a task into an actor pool with the same resources): decoding stays

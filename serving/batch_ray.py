@@ -37,11 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 
 from data.imagefile import ImageError
+from data.preprocess import normalize_ops
 from models.bundle import META_FILE, WEIGHTS_FILE
 from serving.batch import FatalError, build_rows, is_dataset, remove, temp_name, to_table, write_outputs
 from serving.batch_decode import decode_files
@@ -78,14 +80,17 @@ class Forward:
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
+        self.loader = self.predictor.loader.preprocess
+        self.normalize = A.Compose(normalize_ops(self.predictor.spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         errors = [str(e) or None for e in batch["error"]]
         tensors: dict[int, torch.Tensor] = {}
-        for j, image in enumerate(batch["image"]):
+        for j, (image, resized) in enumerate(zip(batch["image"], batch["resized"], strict=True)):
             if errors[j] is None:
-                try:  # the bundle's preprocessing, as the local engine's loader applies it
-                    tensors[j] = self.predictor.loader.preprocess(np.asarray(image))
+                try:  # the bundle's preprocessing (its resize already done for a large image)
+                    image = np.asarray(image)
+                    tensors[j] = self.normalize(image=image)["image"].float() if resized else self.loader(image)
                 except ImageError as e:
                     errors[j] = str(e)
         outputs: list[torch.Tensor | None] = [None] * len(batch["path"])
@@ -175,7 +180,7 @@ def pipeline(
         .map_batches(
             decode_files,
             batch_size=batch_size,
-            fn_kwargs={"channels": predictor.spec.channels, "max_pixels": predictor.max_pixels},
+            fn_kwargs={"spec": predictor.spec.to_dict(), "max_pixels": predictor.max_pixels},
             num_cpus=1,
             # A memory request of their own also keeps Ray Data from fusing the decoding into the
             # actors (it fuses a task into an actor pool with the same resources): decoding stays

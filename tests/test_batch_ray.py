@@ -56,6 +56,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         arr = rng.integers(0, 256, (24 + i % 7, 30, 3), dtype=np.uint8)
         img = Image.fromarray(arr).convert(["RGB", "L", "RGBA"][i % 3])
         img.save(images / ("sub" if i % 2 else "") / f"img{i:02d}.{'jpg' if img.mode != 'RGBA' else 'png'}")
+    # over serving.batch_decode.RESIZE_ABOVE pixels: resized in the decoding task, normalized in the actor
+    big = np.linspace(0, 255, 1100 * 1000 * 3).reshape(1000, 1100, 3).astype(np.uint8)
+    Image.fromarray(big).save(images / "sub" / "large.jpg")
     (images / "corrupt.png").write_bytes(b"this is not a png")
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -95,7 +98,7 @@ def test_same_rows_as_the_local_engine(ray_session: None, setup: dict, tmp_path:
         assert run(*common, "--output", ours, "--output", f"{folder}/", "--engine", "ray") == 0
         expected = pd.read_csv(local)
         table = pd.read_parquet(ours)
-        assert len(table) == 32 and table["error"].notna().sum() == 2
+        assert len(table) == 33 and table["error"].notna().sum() == 2
         assert_same_rows(table, expected)
         assert_same_rows(pd.read_parquet(folder), expected)  # the dataset folder holds the same rows, in order
         errors = dict(zip(table["path"].map(lambda p: Path(p).name), table["error"], strict=True))
@@ -216,7 +219,7 @@ def test_failed_or_interrupted_job_leaves_no_output(
     parts = sorted(folder.glob("part-*.parquet"))
     assert len(parts) > 1 and all(len(pd.read_parquet(p)) >= 4 for p in parts[:-1])
     assert pd.concat([pd.read_parquet(p) for p in parts])["path"].tolist() == pd.read_csv(out)["path"].tolist()
-    assert len(pd.read_csv(out)) == 32
+    assert len(pd.read_csv(out)) == 33
     assert run(*args) == 1  # the dataset folder exists now: refused, not overwritten
 
 
@@ -245,8 +248,8 @@ def test_ray_engine_from_the_command_line(setup: dict, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = r.stderr.strip().splitlines()[-1]
-    assert summary.startswith(f"wrote 32 rows to {out}: 30 predicted, 2 unreadable;") and "files/s" in summary
-    assert len(pd.read_csv(out)) == 32
+    assert summary.startswith(f"wrote 33 rows to {out}: 31 predicted, 2 unreadable;") and "files/s" in summary
+    assert len(pd.read_csv(out)) == 33
 
 
 def _closed_port() -> int:

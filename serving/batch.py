@@ -9,10 +9,16 @@ glob. Files are decoded in DataLoader workers and predicted in batches by the sa
 ``serving.predictor.Predictor`` the HTTP service uses. Rows keep the input order: ``path``, then
 ``label, score, top1_label, top1_score, ...`` for a classifier or the target (``age``) for a
 regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
+A face model (an age bundle with a ``faces`` entry) gives one row per face found: ``path, face,
+box_x0, box_y0, box_x1, box_y1, face_score, age, error`` (largest face first; a photo without a
+face gets one row with ``error`` = "no face found"); ``--no-detect`` takes each file as an
+aligned chip (one row per file, the box is the whole image), ``--max-faces N`` keeps the N largest.
+Every engine builds its rows with ``rows_for``.
 The output appears whole or not at all (written to a temporary name, then renamed).
 
 ``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
-``name`` column (matched to the inputs by path, else by file name) and the true ``label``
+``name`` column (matched to the inputs by path, else by file name; a face model's largest face
+per file is scored) and the true ``label``
 (classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
 CS@5, and writes them to ``OUTPUT.metrics.json``:
 
@@ -39,7 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
 from models.bundle import BundleError
-from serving.predictor import ImageLoader, Predictor
+from models.faces import FaceStageError
+from serving.predictor import ImageLoader, Predictor, Prepared
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 OUTPUT_EXTS = (".csv", ".parquet")
@@ -50,29 +57,78 @@ class FatalError(Exception):
 
 
 class ImageFiles(Dataset):
-    """``(index, (C, h, w) tensor or None, error or None)`` for each path; never raises on a bad file."""
+    """``(index, Prepared or None, error or None)`` for each path; never raises on a bad file.
 
-    def __init__(self, paths: Sequence[Path], loader: ImageLoader) -> None:
-        self.paths, self.loader = list(paths), loader
+    ``Prepared`` holds one input per face found (a face model) or the whole image as one input.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
+    ) -> None:
+        self.paths, self.loader, self.max_faces, self.detect = list(paths), loader, max_faces, detect
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
         try:
-            return i, self.loader(self.paths[i]), None
+            return i, self.loader.prepare(self.paths[i], self.max_faces, self.detect), None
         except ImageError as e:
             return i, None, str(e)
         except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
             return i, None, f"cannot read file ({e.strerror or e})"
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None, dict]:
-    """-> indices of the good images, their ``(B, C, h, w)`` batch, and ``{index: error}`` for the rest."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    errors = {i: err for i, x, err in items if x is None}
-    batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, errors
+def collate(
+    items: list[tuple[int, Prepared | None, str | None]],
+) -> tuple[list[tuple[int, Prepared | None, str | None]], torch.Tensor | None]:
+    """-> the items as they are, and every input of every good image in one ``(B, C, h, w)`` batch."""
+    inputs = [p.inputs for _, p, _ in items if p is not None and len(p.inputs)]
+    return items, torch.cat(inputs) if inputs else None
+
+
+FACE_COLUMNS = ["face", "box_x0", "box_y0", "box_x1", "box_y1", "face_score"]
+NO_FACE = "no face found"
+
+
+def rows_for(
+    predictor: Predictor,
+    shown: str,
+    prepared: Prepared | None,
+    outputs: torch.Tensor | None,
+    error: str | None = None,
+    top_k: int = 5,
+) -> list[dict[str, Any]]:
+    """The output rows of one input file (the one place rows are built: every engine calls it).
+
+    A face model gives one row per face (``face`` index, box, ``face_score``, target), or one row
+    with an empty ``face`` and ``error="no face found"``; any other model gives one row per file.
+    An unreadable file gives one row with its ``error``. ``outputs`` holds the file's rows of
+    ``Predictor.predict_tensors``, one per ``prepared.inputs``.
+    """
+    if prepared is None or outputs is None:
+        return [{"path": shown, "error": error or "not predicted"}]
+    if not predictor.uses_faces:
+        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": None}]
+    if not prepared.faces:
+        return [{"path": shown, "error": NO_FACE}]
+    rows = []
+    for j, r in enumerate(predictor.face_results(prepared, outputs, top_k)):
+        (x0, y0, x1, y1), value = r["box"], r[predictor.target_name]
+        face = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": r["score"]}
+        rows.append({"path": shown, **face, predictor.target_name: value, "error": None})
+    return rows
+
+
+def output_columns(predictor: Predictor, top_k: int = 5) -> list[str]:
+    """The output table's columns, in order, for ``predictor``."""
+    if predictor.task == "classification":
+        k = max(1, min(top_k, predictor.num_classes))
+        cols = ["label", "score"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "score")]
+    else:
+        cols = [predictor.target_name]
+    faces = FACE_COLUMNS if predictor.uses_faces else []
+    return ["path", *faces, *cols, "error"]
 
 
 def _worker_init(_: int) -> None:
@@ -159,12 +215,14 @@ def predict(
     workers: int = 2,
     top_k: int = 5,
     progress: bool | None = None,
+    detect: bool = True,
+    max_faces: int | None = None,
 ) -> pd.DataFrame:
-    """One row per path, in order: predictions, or an ``error`` for a file that could not be read."""
+    """Rows in input order (``rows_for``): predictions per file or per face, or an ``error``."""
     from tqdm import tqdm
 
     loader = DataLoader(
-        ImageFiles(paths, predictor.loader),
+        ImageFiles(paths, predictor.loader, max_faces, detect),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -172,24 +230,19 @@ def predict(
         pin_memory=predictor.device.type == "cuda",
         persistent_workers=False,
     )
-    results: list[dict[str, Any]] = [{} for _ in paths]
-    errors: dict[int, str] = {}
+    rows: list[list[dict[str, Any]]] = [[] for _ in paths]
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
-    for idx, batch, errs in loader:
-        errors.update(errs)
-        if batch is not None:
-            for i, row in zip(idx, predictor.predict_tensors(batch), strict=True):  # (B, C, h, w) -> (B, ...)
-                results[i] = flatten(predictor.format(row, top_k))
-        bar.update(len(idx) + len(errs))
+    for items, batch in loader:
+        out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
+        at = 0
+        for i, prep, err in items:
+            n = len(prep.inputs) if prep is not None else 0
+            mine = None if prep is None else out[at : at + n] if out is not None else torch.zeros(0)
+            rows[i] = rows_for(predictor, shown[i], prep, mine, err, top_k)
+            at += n
+        bar.update(len(items))
     bar.close()
-    rows = [{"path": s, **r, "error": errors.get(i)} for i, (s, r) in enumerate(zip(shown, results, strict=True))]
-    table = pd.DataFrame(rows)
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = ["label", "score"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "score")]
-    else:
-        cols = [predictor.target_name]
-    return table.reindex(columns=["path", *cols, "error"])
+    return pd.DataFrame([r for per_file in rows for r in per_file]).reindex(columns=output_columns(predictor, top_k))
 
 
 def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
@@ -218,6 +271,8 @@ def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: 
     by_path = dict(zip(truth["key"], truth["truth"], strict=True))
     by_name = {Path(k).name: v for k, v in by_path.items()}
     rows = table[table["error"].isna()]
+    if "face" in rows.columns:  # a face model: the largest face of each photo is scored
+        rows = rows[rows["face"] == 0]
     known = [by_path.get(p, by_name.get(Path(p).name)) for p in rows["path"]]
     mask = [k is not None for k in known]
     if not any(mask):
@@ -255,6 +310,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a TTY")
+    p.add_argument(
+        "--detect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="face models: find and align faces (default); --no-detect: the files already are aligned chips",
+    )
+    p.add_argument("--max-faces", type=int, default=None, help="face models: at most this many faces per photo")
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     return p.parse_args(argv)
 
@@ -263,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        for name in ("batch_size", "top_k", "max_pixels"):
+        for name in ("batch_size", "top_k", "max_pixels") + (("max_faces",) if args.max_faces is not None else ()):
             if getattr(args, name) < 1:
                 raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         if args.workers < 0:
@@ -274,12 +336,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths, shown = resolve_inputs(args.input)
         try:
             predictor = Predictor(resolve_model(args.model), device=args.device, max_pixels=args.max_pixels)
-        except BundleError as e:
+        except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         truth = read_truth(args.truth, predictor) if args.truth else None
-        table = predict(predictor, paths, shown, args.batch_size, args.workers, args.top_k, args.progress)
+        table = predict(
+            predictor,
+            paths,
+            shown,
+            args.batch_size,
+            args.workers,
+            args.top_k,
+            args.progress,
+            detect=args.detect,
+            max_faces=args.max_faces,
+        )
         metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         write_atomic(table, out)
         if metrics is not None:
@@ -297,10 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --output {args.output}: {e.strerror or e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    bad = int(table["error"].notna().sum())
+    faceless = int((table["error"] == NO_FACE).sum())
+    bad = int(table["error"].notna().sum()) - faceless
+    shown_faceless = f", {faceless} without a face" if "face" in table.columns else ""
     print(
-        f"wrote {len(table)} rows to {out}: {len(table) - bad} predicted, {bad} unreadable; "
-        f"{seconds:.1f} s ({len(table) / seconds:.1f} files/s)",
+        f"wrote {len(table)} rows to {out}: {len(table) - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
+        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
         file=sys.stderr,
     )
     if metrics is not None:

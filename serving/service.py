@@ -82,16 +82,23 @@ def check_models(tags: list[str]) -> None:
     """Stop with one clear line when a configured model is not in the store (before any worker starts)."""
     from bentoml.exceptions import BentoMLException
 
+    from models.bundle import read_meta
+    from models.faces import FaceStageError, check_available
     from models.store import bundle_dir_for_tag
 
     for tag in tags:
         try:
-            bundle_dir_for_tag(tag)
+            folder = bundle_dir_for_tag(tag)
         except (BentoMLException, ValueError) as e:
             sys.exit(
                 f"error: SVERTKA_MODELS names {tag!r}: {e}. Save a bundle there with "
                 "`python -m training.export --ckpt CKPT --out DIR --bentoml NAME` or set SVERTKA_MODELS."
             )
+        try:
+            if read_meta(folder).faces:  # a model of aligned face chips: the face stage must be here
+                check_available()
+        except FaceStageError as e:
+            sys.exit(f"error: SVERTKA_MODELS names {tag!r}, whose model needs face detection: {e}")
 
 
 MODEL_TAGS = configured_tags()
@@ -109,6 +116,7 @@ ACCESS_LOG = _env_int("SVERTKA_ACCESS_LOG", 0) > 0
 METRICS = _env_int("SVERTKA_METRICS", 0) > 0
 
 
+MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_FACES)
 INLINE_DECODE_BYTES = 256 * 1024
 DECODE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
 
@@ -336,17 +344,32 @@ class _Svertka:
         return JSONResponse(result) if isinstance(result, dict) else result
 
     @bentoml.api(route="/estimate_age")
-    async def estimate_age(self, image: Path, model: str | None = None) -> dict[str, Any]:
-        """Estimate the age of the face in one image: ``{"age", "model"}`` (clamped to the model's range)."""
+    async def estimate_age(
+        self, image: Path, model: str | None = None, max_faces: int | None = None, detect: bool = True
+    ) -> dict[str, Any]:
+        """Ages of the faces in a photo: ``{"faces": [{"box", "score", "age"}, ...], "model"}``, largest first.
+
+        ``detect=false``: the image already is an aligned face chip (one face, the whole image, score null).
+        """
         picked = self._pick(model, "regression")
         if isinstance(picked, JSONResponse):
             return picked
         tag, pred = picked
-        result = await self._predict(tag, pred, image, 1)
-        if not isinstance(result, dict):
-            return result
-        result["age"] = result[pred.target_name]
-        return JSONResponse(result)
+        if max_faces is not None and not 1 <= max_faces <= MAX_FACES:
+            return error(400, f"max_faces must be between 1 and {MAX_FACES}, got {max_faces}")
+        loop = asyncio.get_running_loop()
+        try:  # decode + detect + align + preprocess, off the event loop
+            prep = await loop.run_in_executor(
+                DECODE_POOL, pred.prepare, image.read_bytes(), max_faces or MAX_FACES, detect
+            )
+        except ImageError as e:
+            return error(400, str(e))
+        outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
+        faces = [
+            {"box": r["box"], "score": r["score"], "age": r[pred.target_name]}
+            for r in pred.face_results(prep, torch.stack(outs) if outs else torch.zeros(0))
+        ]
+        return JSONResponse({"faces": faces, "model": tag})
 
     @bentoml.api(route="/models")
     async def models(self) -> dict[str, Any]:

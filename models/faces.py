@@ -78,7 +78,7 @@ class DetectSettings:
     """Detection settings; the defaults are tuned on 640x480 scenes (docs/RESULTS.md, face parity)."""
 
     min_face: int = 80  # smallest face side looked for, in pixels (80 = HOG's own window: no rescale)
-    threshold: float = 0.0  # minimum detector score
+    threshold: float = 0.2  # minimum detector score
     max_side: int = 1600  # larger photos are scaled down to this longest side before detection
 
     def __post_init__(self) -> None:

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     net, meta = load_bundle(args.model)
     framing = FaceFraming.from_dict(meta.faces) if meta.faces else FaceFraming(args.size, args.padding)
     meta.faces = framing.to_dict()
-    settings = DetectSettings(min_face=args.min_face, threshold=args.threshold)
+    settings = DetectSettings(min_face=args.min_face, threshold=args.threshold, lone_threshold=args.lone_threshold)
     pred = Predictor((net, meta), device="cpu", face_settings=settings)
     aligner = FaceAligner(framing, settings)
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--padding", type=float, default=0.25, help="chip padding when the bundle has no faces entry")
     p.add_argument("--min-face", type=int, default=DetectSettings.min_face)
     p.add_argument("--threshold", type=float, default=DetectSettings.threshold)
+    p.add_argument("--lone-threshold", type=float, default=DetectSettings.lone_threshold)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if not args.data_root:

@@ -133,13 +133,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def landmarks_path() -> Path:
-    """The verified 5-point model: ``$SVERTKA_LANDMARKS``, else the cache; ``FaceStageError`` if absent.
+def landmarks_path(bundle_dir: str | Path | None = None) -> Path:
+    """The verified 5-point model: ``$SVERTKA_LANDMARKS``, else a copy in ``bundle_dir`` (BentoML's store
+    keeps one with each face model, so a Bento carries it), else the cache; ``FaceStageError`` if absent.
 
     Only a file with the known sha256 is ever handed to dlib's deserializer.
     """
     env = os.environ.get("SVERTKA_LANDMARKS")
-    path = Path(env) if env else cache_dir() / LANDMARKS_FILE
+    beside = Path(bundle_dir) / LANDMARKS_FILE if bundle_dir else None
+    path = Path(env) if env else beside if beside and beside.is_file() else cache_dir() / LANDMARKS_FILE
     if not path.is_file():
         raise FaceStageError(
             f"the 5-point landmark model is missing ({path}): run `python -m models.faces fetch` "
@@ -185,10 +187,10 @@ def fetch_landmarks(dest: Path | None = None) -> Path:
     return dest
 
 
-def check_available() -> None:
+def check_available(bundle_dir: str | Path | None = None) -> None:
     """Raise ``FaceStageError`` (one clear line) unless dlib and the landmark model are both here."""
     _import_dlib()
-    landmarks_path()
+    landmarks_path(bundle_dir)
 
 
 def _gray(arr: np.ndarray) -> np.ndarray:
@@ -205,11 +207,16 @@ def _gray(arr: np.ndarray) -> np.ndarray:
 class FaceAligner:
     """Detect, landmark and align faces: ``aligner(rgb) -> [Face, ...]``, largest first."""
 
-    def __init__(self, framing: FaceFraming | None = None, settings: DetectSettings | None = None) -> None:
+    def __init__(
+        self,
+        framing: FaceFraming | None = None,
+        settings: DetectSettings | None = None,
+        bundle_dir: str | Path | None = None,
+    ) -> None:
         self.framing = framing or FaceFraming()
         self.settings = settings or DetectSettings()
         self._dlib = _import_dlib()
-        self._landmarks = str(landmarks_path())
+        self._landmarks = str(landmarks_path(bundle_dir))
         self._local = threading.local()
         self._tools()  # load in this thread now: errors surface at start-up, not on the first photo
 

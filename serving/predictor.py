@@ -123,7 +123,7 @@ class Predictor:
         # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
-        aligner = FaceAligner(self.framing, face_settings) if self.framing else None
+        aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
         self.loader = ImageLoader(self.spec, max_pixels, aligner)
         self.task = self.meta.task
         self.class_names = self.meta.class_names or []

@@ -96,7 +96,7 @@ def check_models(tags: list[str]) -> None:
             )
         try:
             if read_meta(folder).faces:  # a model of aligned face chips: the face stage must be here
-                check_available()
+                check_available(folder)
         except FaceStageError as e:
             sys.exit(f"error: SVERTKA_MODELS names {tag!r}, whose model needs face detection: {e}")
 

@@ -230,11 +230,8 @@ def test_batch_truth_scores_chips_and_faces(tmp_path: Path) -> None:
         assert metrics["n"] == 3 and metrics["mae"] == pytest.approx(want, abs=1e-4)
 
 
-def test_align_faces_data_option(tmp_path: Path) -> None:
-    """A CSV of unaligned photos: each largest face aligned once into the cache, faceless photos left out,
-    the framing recorded for the bundle; a second set-up reads the cached chips."""
-    from data.folder import CSVDataModule
-
+def photo_csv(tmp_path: Path) -> Path:
+    """Six unaligned photos of the astronaut (different places and backgrounds) and a blank one, with ages."""
     photos = tmp_path / "photos"
     photos.mkdir()
     img = astronaut()
@@ -247,7 +244,15 @@ def test_align_faces_data_option(tmp_path: Path) -> None:
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(photos / "blank.png")
     rows.append("blank.png,50")
     (photos / "ages.csv").write_text("path,age\n" + "\n".join(rows) + "\n")
-    kw = dict(csv=str(photos / "ages.csv"), target_column="age", input_size=32, align_faces=True,
+    return photos / "ages.csv"
+
+
+def test_align_faces_data_option(tmp_path: Path) -> None:
+    """A CSV of unaligned photos: each largest face aligned once into the cache, faceless photos left out,
+    the framing recorded for the bundle; a second set-up reads the cached chips."""
+    from data.folder import CSVDataModule
+
+    kw = dict(csv=str(photo_csv(tmp_path)), target_column="age", input_size=32, align_faces=True,
               face_size=64, cache_dir=str(tmp_path / "cache"), val_fraction=0.2, test_fraction=0.0)  # fmt: skip
     with pytest.warns(UserWarning, match="align_faces"):
         dm = CSVDataModule(**kw)
@@ -273,3 +278,30 @@ def test_faces_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(tmp_path / "a.png"), str(tmp_path / "bad.png")]) == 0
     a, bad = capsys.readouterr().out.strip().splitlines()
     assert a.count("box=") == 1 and "error" in bad
+
+
+def test_fit_on_unaligned_photos_exports_a_face_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real training CLI on a CSV of photos with align_faces: its bundle records the framing and the
+    predictor then finds the face in a photo and scores its chip."""
+    from serving.predictor import Predictor
+    from training.cli import main
+
+    csv = photo_csv(tmp_path)
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path / "out"))
+    cfg = tmp_path / "age.yaml"
+    cfg.write_text(
+        "model:\n  class_path: training.AgeRegressor\n  init_args: {net: lenet5}\n"
+        "data:\n  class_path: data.folder.CSVDataModule\n"
+        f"  init_args: {{csv: {csv}, target_column: age, target_min: 0, target_max: 116, input_size: 32,\n"
+        f"    batch_size: 4, val_fraction: 0.34, test_fraction: 0.0, align_faces: true, face_size: 100,\n"
+        f"    cache_dir: {tmp_path / 'cache'}}}\n"
+    )
+    args = ["fit", "-c", str(cfg), "--name", "faces", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--early_stopping_patience", "null"]  # fmt: skip
+    with pytest.warns(UserWarning, match="align_faces"):
+        assert main(args) == 0
+    bundle = tmp_path / "out" / "artifacts" / "faces"
+    assert read_meta(bundle).faces == {"aligned": True, "landmarks": "dlib_5_point", "size": 100, "padding": 0.25}
+    p = Predictor(bundle, device="cpu")
+    prep = p.prepare(astronaut())
+    assert len(prep.faces) == 1 and 0 <= p.face_results(prep, p.predict_tensors(prep.inputs))[0]["age"] <= 116

@@ -587,6 +587,21 @@ def test_missing_model_stops_start_with_clear_message(store: dict) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_face_model_without_landmarks_stops_start_with_clear_message(store: dict, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=serve_env(store["home"], "test_face_age", SVERTKA_LANDMARKS=str(tmp_path / "missing.dat")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "test_face_age" in lines[0] and "landmark model is missing" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_predictor_directly_clamps_and_formats(store: dict, tmp_path: Path) -> None:
     from serving.predictor import Predictor
 

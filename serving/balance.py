@@ -29,6 +29,16 @@ import bentoml
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class ConnectionBalancer:
     """ASGI middleware: ``Connection: close`` on a response when this worker holds more than its share."""
 
@@ -48,7 +58,11 @@ class ConnectionBalancer:
         if index is None or not 1 <= index <= self.workers:
             return None
         port = (scope.get("server") or ("", 0))[1]
-        path = Path(tempfile.gettempdir()) / f"svertka-conns-{os.getppid()}-{port}"
+        folder = Path(tempfile.gettempdir())
+        for old in folder.glob("svertka-conns-*-*"):  # files of services that have stopped
+            if not _alive(int(old.name.split("-")[2])):
+                old.unlink(missing_ok=True)
+        path = folder / f"svertka-conns-{os.getppid()}-{port}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < 4 * self.workers:

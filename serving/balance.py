@@ -60,7 +60,8 @@ class ConnectionBalancer:
         port = (scope.get("server") or ("", 0))[1]
         folder = Path(tempfile.gettempdir())
         for old in folder.glob("svertka-conns-*-*"):  # files of services that have stopped
-            if not _alive(int(old.name.split("-")[2])):
+            pid = old.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
                 old.unlink(missing_ok=True)
         path = folder / f"svertka-conns-{os.getppid()}-{port}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -42,6 +42,23 @@ SETTINGS = Settings.from_env()  # SettingsError: one line from `bentoml serve`, 
 SETTINGS.check_models()
 
 
+class ThreadsByLoad:
+    """``fn`` with torch at ``solo`` threads for a batch of one (a quiet worker), ``busy`` threads otherwise.
+
+    Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
+    a lone request would then use one core of an idle machine. Called in the forward thread only.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int) -> None:
+        self.fn, self.busy, self.solo = fn, busy, solo
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        want = self.solo if len(batch) == 1 else self.busy
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+        return self.fn(batch)
+
+
 class Batcher:
     """Collect single inputs into batches for ``fn`` (run in one thread), resolve each caller's future.
 
@@ -148,9 +165,9 @@ class Svertka:
             full = str(stored.tag)
             pred = Predictor(stored.path, device=SETTINGS.device, max_pixels=SETTINGS.max_pixels)
             self.predictors[full] = pred
-            self.batchers[full] = Batcher(
-                pred.predict_tensors, SETTINGS.max_batch_size, SETTINGS.batch_wait_ms, SETTINGS.max_in_flight
-            )
+            forward = ThreadsByLoad(pred.predict_tensors, SETTINGS.torch_threads, SETTINGS.solo_threads)
+            s = SETTINGS
+            self.batchers[full] = Batcher(forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight)
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}

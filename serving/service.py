@@ -40,20 +40,25 @@ from serving.settings import Settings
 
 SETTINGS = Settings.from_env()  # SettingsError: one line from `bentoml serve`, exit status 1
 SETTINGS.check_models()
+ADMISSION: dict[str, AdmissionMiddleware] = {}  # the admission middleware of this worker, once built
 
 
 class ThreadsByLoad:
-    """``fn`` with torch at ``solo`` threads for a batch of one (a quiet worker), ``busy`` threads otherwise.
+    """``fn`` with torch at ``solo`` threads while this worker holds a single request, ``busy`` threads otherwise.
 
     Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
-    a lone request would then use one core of an idle machine. Called in the forward thread only.
+    a lone request would then use one core of an idle machine. The signal is the number of
+    requests in flight in this worker (the admission count), not the batch size: under load,
+    small batches are common while many requests wait in decoding. Called in the forward thread.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int) -> None:
         self.fn, self.busy, self.solo = fn, busy, solo
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        want = self.solo if len(batch) == 1 else self.busy
+        admission = ADMISSION.get("this")
+        quiet = len(batch) == 1 and admission is not None and admission.in_flight <= 1
+        want = self.solo if quiet else self.busy
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
         return self.fn(batch)
@@ -131,7 +136,6 @@ async def _get_stats(request: Request) -> JSONResponse:
 info_app = Starlette(
     routes=[Route("/models", _get_models, methods=["GET"]), Route("/stats", _get_stats, methods=["GET"])]
 )
-ADMISSION: dict[str, AdmissionMiddleware] = {}  # the admission middleware of this worker, once built
 
 
 @bentoml.service(

@@ -11,7 +11,7 @@ exits 1, without a traceback.
     SVERTKA_MODELS            comma-separated BentoML model tags            (quickstart:latest)
     SVERTKA_WORKERS           worker processes                              (CPU count, 1 with a GPU)
     SVERTKA_TORCH_THREADS     torch threads per worker                      (CPU count / workers)
-    SVERTKA_SOLO_THREADS      torch threads for a forward of one input      (CPU count)
+    SVERTKA_SOLO_THREADS      torch threads for a lone request in a worker  (CPU count)
     SVERTKA_MAX_BATCH_SIZE    largest forward batch                         (32)
     SVERTKA_BATCH_WAIT_MS     how long a batch waits for more requests      (0: take what is queued)
     SVERTKA_MAX_IN_FLIGHT     requests one worker holds at once; past it 503 (64)
@@ -101,7 +101,7 @@ class Settings:
             models=models,
             workers=workers,
             torch_threads=_int(env, "SVERTKA_TORCH_THREADS", max(1, cpu_count() // workers), minimum=1),
-            # A batch of one means the worker is not busy: let a lone request use every core.
+            # A worker holding one request is not busy: let a lone request use every core.
             solo_threads=_int(env, "SVERTKA_SOLO_THREADS", cpu_count(), minimum=1),
             max_batch_size=_int(env, "SVERTKA_MAX_BATCH_SIZE", 32, minimum=1),
             batch_wait_ms=_int(env, "SVERTKA_BATCH_WAIT_MS", 0),

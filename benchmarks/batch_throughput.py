@@ -3,6 +3,13 @@
     python benchmarks/batch_throughput.py                          # 5,000 UTKFace JPEGs, simple_cnn age model
     python benchmarks/batch_throughput.py --models simple_cnn,resnet18 --images 10000 --json out.json
     python benchmarks/batch_throughput.py --quick                  # smoke test: 300 images
+    python benchmarks/batch_throughput.py --images 19362 --ray --no-bound --repeats 3   # Ray engine vs local
+
+``--ray`` adds the Ray Data engine (``--engine ray``, a local Ray started by the script, one model
+actor) beside the local engine: both run as a user runs them, whole runs timed (Ray's start-up
+included), alternating ``--repeats`` times; medians, their spread and the ratio are printed.
+Target: the Ray engine at least 0.8 of the local engine's images/s. ``--no-bound`` skips the
+in-process bound below.
 
 The batch script runs as a user runs it (a subprocess over a CSV listing the files, CSV out),
 timed from start to exit; its own ``files/s`` line (which leaves out interpreter start-up) is
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,11 +90,13 @@ def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) 
     return len(files) / (time.perf_counter() - t0)
 
 
-def run_batch_script(bundle: Path, csv: Path, out: Path, batch_size: int, workers: int | None) -> dict:
+def run_batch_script(
+    bundle: Path, csv: Path, out: Path, batch_size: int, workers: int | None, engine: str = "local"
+) -> dict:
     """Run ``python -m serving.batch`` as a user would; wall-clock images/s and its own reported rate."""
     cmd = [sys.executable, "-m", "serving.batch", "--model", str(bundle), "--input", str(csv), "--output", str(out)]
-    cmd += ["--batch-size", str(batch_size), "--no-progress"]
-    if workers is not None:
+    cmd += ["--batch-size", str(batch_size), "--no-progress", "--engine", engine]
+    if workers is not None and engine == "local":
         cmd += ["--workers", str(workers)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -97,27 +107,41 @@ def run_batch_script(bundle: Path, csv: Path, out: Path, batch_size: int, worker
     return {"seconds": seconds, "own_images_per_s": float(own.group(1)) if own else None, "stderr": r.stderr[-500:]}
 
 
+def check_rows(out: Path, n: int, who: str) -> None:
+    table = pd.read_csv(out)
+    bad = int(table["error"].notna().sum()) if "error" in table else 0
+    if len(table) != n or bad:
+        raise BenchError(f"{who} wrote {len(table)} rows for {n} files, {bad} with errors")
+    out.unlink()
+
+
 def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
     m = BATCH_MODELS[key]
     bundle = build_bundle(m, scratch / "bundles")
     h, w = m.spec.input_size
     console.print(f"[bold]{key}[/] ({m.arch}, {m.spec.channels}x{h}x{w}, {m.task}, random weights)")
+    result: dict = {"model": f"{m.arch} {m.spec.channels}x{h}x{w} {m.task}"}
+    if not args.no_bound:
+        result |= bench_bound(bundle, args, files, csv, scratch)
+    if args.ray:
+        result["engines"] = bench_engines(bundle, args, files, csv, scratch)
+    return result
+
+
+def bench_bound(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    """The local engine against the in-process decode + forward bound."""
     threads = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)  # the script's default
     serial = upper_bound(bundle, files, args.batch_size, 0)
     console.print(f"  in process, decoding inline:        {serial:8.1f} images/s")
     threaded = upper_bound(bundle, files, args.batch_size, threads) if threads else serial
     console.print(f"  in process, {threads} decoding threads:     {threaded:8.1f} images/s")
-    out = scratch / f"{key}_labels.csv"
+    out = scratch / "labels.csv"
     run = run_batch_script(bundle, csv, out, args.batch_size, args.workers)
-    table = pd.read_csv(out)
-    bad = int(table["error"].notna().sum()) if "error" in table else 0
-    if len(table) != len(files) or bad:
-        raise BenchError(f"the batch script wrote {len(table)} rows for {len(files)} files, {bad} with errors")
+    check_rows(out, len(files), "the batch script")
     script = len(files) / run["seconds"]
     console.print(f"  python -m serving.batch (whole run): {script:8.1f} images/s  ({run['seconds']:.1f} s)")
     bound = max(serial, threaded)
     return {
-        "model": f"{m.arch} {m.spec.channels}x{h}x{w} {m.task}",
         "inprocess_inline_images_per_s": serial,
         "inprocess_threads": threads,
         "inprocess_threaded_images_per_s": threaded,
@@ -130,7 +154,57 @@ def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path
     }
 
 
+def bench_engines(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    """``--engine local`` and ``--engine ray``, whole runs, alternating ``args.repeats`` times."""
+    rates: dict[str, list[float]] = {"local": [], "ray": []}
+    for i in range(args.repeats):
+        for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
+            out = scratch / f"labels_{engine}.csv"
+            run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, engine)
+            check_rows(out, len(files), f"--engine {engine}")
+            rates[engine].append(len(files) / run["seconds"])
+            own = f", its own line {run['own_images_per_s']:.1f}" if run["own_images_per_s"] else ""
+            console.print(
+                f"  repeat {i + 1}, --engine {engine:5}: {rates[engine][-1]:8.1f} images/s  "
+                f"({run['seconds']:.1f} s whole run{own})"
+            )
+    med = {e: statistics.median(r) for e, r in rates.items()}
+    return {
+        "repeats": args.repeats,
+        "local_images_per_s": rates["local"],
+        "ray_images_per_s": rates["ray"],
+        "local_median": med["local"],
+        "ray_median": med["ray"],
+        "ratio": med["ray"] / med["local"],
+    }
+
+
 def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
+    checks = report_bound(results, n, batch_size) if any("ratio" in r for r in results.values()) else []
+    engines = {k: r["engines"] for k, r in results.items() if "engines" in r}
+    if engines:
+        table = Table(title=f"--engine ray against --engine local, {n} files, whole runs (images/s)")
+        for col in ("model", "local: median (min-max)", "ray: median (min-max)", "ray / local"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for key, e in engines.items():
+            loc, ray = e["local_images_per_s"], e["ray_images_per_s"]
+            table.add_row(
+                f"{key}: {results[key]['model']}",
+                f"{e['local_median']:.1f} ({min(loc):.1f}-{max(loc):.1f})",
+                f"{e['ray_median']:.1f} ({min(ray):.1f}-{max(ray):.1f})",
+                f"{e['ratio']:.2f}",
+            )
+        console.print(table)
+        for key, e in engines.items():
+            text = f"{key}: Ray engine at {e['ratio']:.2f} of the local engine, start-up included (want >= {TARGET})"
+            checks.append((text, e["ratio"] >= TARGET))
+    if n < MIN_IMAGES:
+        checks.append((f"{n} files (the target is measured over at least {MIN_IMAGES})", False))
+    print_checks(console, checks)
+    return checks
+
+
+def report_bound(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
     table = Table(title=f"Batch labelling, {n} files, batch size {batch_size} (images/s)")
     cols = ("model", "in process, inline", "in process, threads", "batch script", "script's own", "script / bound")
     for col in cols:
@@ -153,9 +227,6 @@ def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
         if r["ratio_own"] is not None:
             text = f"{key}: batch script's own rate (no start-up) at {r['ratio_own']:.2f} of the bound"
             checks.append((text, r["ratio_own"] >= TARGET))
-    if n < MIN_IMAGES:
-        checks.append((f"{n} files (the target is measured over at least {MIN_IMAGES})", False))
-    print_checks(console, checks)
     return checks
 
 
@@ -168,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")
     p.add_argument("--quick", action="store_true", help="a smoke run over 300 files")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    p.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each engine with --ray")
+    p.add_argument("--no-bound", action="store_true", help="skip the local engine's in-process bound")
     args = p.parse_args(argv)
     args.images = args.images or (300 if args.quick else MIN_IMAGES)
     return args
@@ -179,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = parse_list(args.models, list(BATCH_MODELS), "--models")
         if args.images < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 0):
             raise BenchError("--images and --batch-size must be positive, --workers 0 or more")
+        if args.repeats < 1 or (args.no_bound and not args.ray):
+            raise BenchError("--repeats must be positive; --no-bound needs --ray (nothing left to measure)")
         root = data_root(args.data_root)
         with tempfile.TemporaryDirectory(prefix="svertka-batch-bench-") as tmp:
             scratch = Path(tmp)

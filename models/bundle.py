@@ -8,14 +8,20 @@
 (registry name + arguments), class names or the regression target and its range, the eval
 preprocessing, recorded metrics, the training config, library versions and the sha256 of
 the weights. Loading imports no Lightning and never unpickles (safetensors only).
+
+A bundle loads nothing from outside its folder: the architecture arguments must be ones the
+registry's builder names in its signature, ``weights`` is refused (the weights are
+``model.safetensors``), and so is any argument value that looks like a path or a URL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -39,6 +45,56 @@ Task = Literal["classification", "regression"]
 
 class BundleError(ValueError):
     """A bundle that is missing, corrupt, truncated or does not match its metadata."""
+
+
+# A string that names something outside the bundle: a URL or scheme ("http://", "file:", "C:"), a
+# path ("/", "\\", "~", "./"), or a weights file name ("resnet18.pth").
+_EXTERNAL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:|[/\\]|^[~.]|\.(safetensors|pth?|bin|ckpt|onnx|pkl)$", re.I)
+
+
+def check_architecture(name: str, kwargs: dict[str, Any], where: str = "architecture") -> None:
+    """``BundleError`` naming the key unless ``kwargs`` are plain arguments the builder of ``name`` accepts.
+
+    Refused: ``weights`` (a bundle's weights are its own ``model.safetensors``), a key the builder's
+    signature does not name, a value that is not plain JSON data, and any string (also inside lists
+    and dicts) that looks like a path or a URL.
+    """
+    import models  # noqa: F401  (registers every architecture)
+    from models.registry import get_model_builder
+
+    try:
+        builder = get_model_builder(name)
+    except ValueError as e:
+        raise BundleError(f"{where}: cannot build architecture {name!r}: {e}") from None
+    params = inspect.signature(builder).parameters
+    accepted = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k != "weights"}
+    for key, value in kwargs.items():
+        if key == "weights":
+            raise BundleError(
+                f"{where}: architecture argument 'weights' is refused: a bundle loads only its own {WEIGHTS_FILE}"
+            )
+        if key not in accepted:
+            raise BundleError(
+                f"{where}: architecture argument {key!r} is not one {name!r} accepts ({', '.join(sorted(accepted))})"
+            )
+        for leaf in _leaves(value):
+            if leaf is not None and not isinstance(leaf, (bool, int, float, str)):
+                kind = type(leaf).__name__
+                raise BundleError(f"{where}: architecture argument {key!r} holds a {kind}, not JSON data")
+            if isinstance(leaf, str) and _EXTERNAL.search(leaf):
+                raise BundleError(
+                    f"{where}: architecture argument {key!r} looks like a path or URL ({leaf[:60]!r}): "
+                    "a bundle loads nothing from outside its folder"
+                )
+
+
+def _leaves(value: Any) -> list[Any]:
+    """Every scalar inside nested lists and dicts (dict keys included)."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in (*_leaves(k), *_leaves(v))]
+    return [value]
 
 
 @dataclass
@@ -161,7 +217,8 @@ def save_bundle(
     except ValueError as e:
         raise BundleError(str(e)) from None
     faces = _check_faces(faces)
-    kwargs = {k: v for k, v in architecture_kwargs.items() if k != "weights"}  # weights live in the file
+    kwargs = _jsonable({k: v for k, v in architecture_kwargs.items() if k != "weights"})  # weights: the file
+    check_architecture(architecture, kwargs)  # a bundle that would not load is never written
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -172,7 +229,7 @@ def save_bundle(
         save_model(state_model, str(tmp / WEIGHTS_FILE))
         meta = BundleMeta(
             task=task,
-            architecture={"name": architecture, "kwargs": _jsonable(kwargs)},
+            architecture={"name": architecture, "kwargs": kwargs},
             preprocess=preprocess,
             class_names=[str(c) for c in class_names] if class_names else None,
             target=_jsonable(target) if target else None,
@@ -240,6 +297,7 @@ def read_meta(path: str | Path) -> BundleMeta:
         if isinstance(e, BundleError):
             raise
         raise BundleError(f"{meta_file}: invalid field ({e})") from None
+    check_architecture(meta.architecture["name"], meta.architecture["kwargs"], str(meta_file))
     if meta.task not in ("classification", "regression"):
         raise BundleError(f"{meta_file}: unknown task {meta.task!r}")
     if meta.task == "classification" and not meta.class_names:

@@ -13,8 +13,14 @@ A face model (an age bundle with a ``faces`` entry) gives one row per face found
 box_x0, box_y0, box_x1, box_y1, face_score, age, error`` (largest face first; a photo without a
 face gets one row with ``error`` = "no face found"); ``--no-detect`` takes each file as an
 aligned chip (one row per file, the box is the whole image), ``--max-faces N`` keeps the N largest.
-Every engine builds its rows with ``rows_for``.
+Every engine builds its rows with ``build_rows``.
 The output appears whole or not at all (written to a temporary name, then renamed).
+
+``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
+predictors; a local Ray, or a cluster): see ``serving/batch_ray.py`` and docs/BATCH.md. ``--output``
+may be repeated, and ``DIR/`` writes a Parquet dataset folder (one file per block):
+
+    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --output ages.csv --engine ray
 
 ``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
 ``name`` column (matched to the inputs by path, else by file name; a face model's largest face
@@ -33,9 +39,10 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +78,19 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
-        try:
-            return i, self.loader.prepare(self.paths[i], self.max_faces, self.detect), None
-        except ImageError as e:
-            return i, None, str(e)
-        except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
-            return i, None, f"cannot read file ({e.strerror or e})"
+        return (i, *load_one(self.loader, self.paths[i], self.max_faces, self.detect))
+
+
+def load_one(
+    loader: ImageLoader, path: str | Path, max_faces: int | None = None, detect: bool = True
+) -> tuple[Prepared | None, str | None]:
+    """A file -> ``(Prepared, None)`` (its faces' inputs, or the whole image's), or ``(None, why)``; never raises."""
+    try:
+        return loader.prepare(path, max_faces, detect), None
+    except ImageError as e:
+        return None, str(e)
+    except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
+        return None, f"cannot read file ({e.strerror or e})"
 
 
 def collate(
@@ -85,50 +99,6 @@ def collate(
     """-> the items as they are, and every input of every good image in one ``(B, C, h, w)`` batch."""
     inputs = [p.inputs for _, p, _ in items if p is not None and len(p.inputs)]
     return items, torch.cat(inputs) if inputs else None
-
-
-FACE_COLUMNS = ["face", "box_x0", "box_y0", "box_x1", "box_y1", "face_score"]
-NO_FACE = "no face found"
-
-
-def rows_for(
-    predictor: Predictor,
-    shown: str,
-    prepared: Prepared | None,
-    outputs: torch.Tensor | None,
-    error: str | None = None,
-    top_k: int = 5,
-) -> list[dict[str, Any]]:
-    """The output rows of one input file (the one place rows are built: every engine calls it).
-
-    A face model gives one row per face (``face`` index, box, ``face_score``, target), or one row
-    with an empty ``face`` and ``error="no face found"``; any other model gives one row per file.
-    An unreadable file gives one row with its ``error``. ``outputs`` holds the file's rows of
-    ``Predictor.predict_tensors``, one per ``prepared.inputs``.
-    """
-    if prepared is None or outputs is None:
-        return [{"path": shown, "error": error or "not predicted"}]
-    if not predictor.uses_faces:
-        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": None}]
-    if not prepared.faces:
-        return [{"path": shown, "error": NO_FACE}]
-    rows = []
-    for j, r in enumerate(predictor.face_results(prepared, outputs, top_k)):
-        (x0, y0, x1, y1), value = r["box"], r[predictor.target_name]
-        face = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": r["score"]}
-        rows.append({"path": shown, **face, predictor.target_name: value, "error": None})
-    return rows
-
-
-def output_columns(predictor: Predictor, top_k: int = 5) -> list[str]:
-    """The output table's columns, in order, for ``predictor``."""
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = ["label", "score"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "score")]
-    else:
-        cols = [predictor.target_name]
-    faces = FACE_COLUMNS if predictor.uses_faces else []
-    return ["path", *faces, *cols, "error"]
 
 
 def _worker_init(_: int) -> None:
@@ -183,28 +153,135 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
 
 
 def check_output(spec: str) -> Path:
+    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
     out = Path(spec)
-    if out.suffix.lower() not in OUTPUT_EXTS:
-        raise FatalError(f"--output {spec}: the name must end in .csv or .parquet")
+    if is_dataset(spec):
+        if out.exists():
+            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
+    elif out.suffix.lower() not in OUTPUT_EXTS:
+        raise FatalError(
+            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
+        )
+    elif out.is_dir():
+        raise FatalError(f"--output {spec}: is a folder")
     if not out.parent.is_dir():
         raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise FatalError(f"--output {spec}: is a folder")
     return out
 
 
-def write_atomic(table: pd.DataFrame, out: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: the output is whole or absent."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+def is_dataset(spec: str | Path) -> bool:
+    """An ``--output`` ending in ``/`` names a Parquet dataset folder (one file per block)."""
+    return str(spec).endswith(("/", os.sep))
+
+
+def temp_name(out: Path) -> Path:
+    """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file or folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_outputs(
+    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
+) -> None:
+    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
+
+    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
+    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
+    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
+    """
+    written: list[tuple[Path, Path]] = []
     try:
-        if out.suffix.lower() == ".parquet":
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        for spec, out in outputs:
+            tmp = temp_name(out)
+            written.append((tmp, out))
+            if tmp in prewritten:
+                continue
+            if is_dataset(spec):
+                tmp.mkdir()
+                table.to_parquet(tmp / "part-00000.parquet", index=False)
+            elif out.suffix.lower() == ".parquet":
+                table.to_parquet(tmp, index=False)
+            else:
+                table.to_csv(tmp, index=False)
+        for tmp, out in written:
+            os.replace(tmp, out)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in {*prewritten, *(t for t, _ in written)}:
+            remove(tmp)
         raise
+
+
+FACE_COLUMNS = {
+    "face": "Int64",
+    "box_x0": "Int64",
+    "box_y0": "Int64",
+    "box_x1": "Int64",
+    "box_y1": "Int64",
+    "face_score": "float64",
+}
+NO_FACE = "no face found"
+
+
+def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
+    """The output columns and their pandas dtypes, the same for every engine and every block."""
+    if predictor.task == "classification":
+        k = max(1, min(top_k, predictor.num_classes))
+        cols = {"label": "string", "score": "float64"}
+        for j in range(1, k + 1):
+            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
+    else:
+        cols = {predictor.target_name: "float64"}
+    faces = FACE_COLUMNS if predictor.uses_faces else {}
+    return {"path": "string", **faces, **cols, "error": "string"}
+
+
+def build_rows(
+    predictor: Predictor,
+    shown: str,
+    outputs: torch.Tensor | None,
+    error: str | None,
+    top_k: int,
+    faces: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The output rows of one input file (every engine builds its rows here, so they all get the same).
+
+    ``outputs``: the file's rows of ``predict_tensors``, one per input of its ``Prepared``, and
+    ``faces`` that ``Prepared``'s faces (``{"box", "score"}``). A face model gives one row per face
+    (``face`` index, box, ``face_score``, target), or one row with an empty ``face`` and ``error``
+    "no face found"; any other model gives one row per file. A file that could not be read
+    (``outputs`` None) gives one row with its ``error``.
+    """
+    if outputs is None:
+        return [{"path": shown, "error": error or "not predicted"}]
+    if not predictor.uses_faces:
+        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": error}]
+    if not faces:
+        return [{"path": shown, "error": NO_FACE}]
+    rows = []
+    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
+        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
+        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
+        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
+    return rows
+
+
+def error_counts(table: pd.DataFrame) -> tuple[int, int]:
+    """-> (rows of files that could not be read, rows of photos without a face)."""
+    faceless = int((table["error"] == NO_FACE).sum())
+    return int(table["error"].notna().sum()) - faceless, faceless
+
+
+def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
+    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
+    cols = columns(predictor, top_k)
+    return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)
 
 
 def predict(
@@ -218,7 +295,7 @@ def predict(
     detect: bool = True,
     max_faces: int | None = None,
 ) -> pd.DataFrame:
-    """Rows in input order (``rows_for``): predictions per file or per face, or an ``error``."""
+    """Rows in input order (``build_rows``): predictions per file or per face, or an ``error``."""
     from tqdm import tqdm
 
     loader = DataLoader(
@@ -238,11 +315,11 @@ def predict(
         for i, prep, err in items:
             n = len(prep.inputs) if prep is not None else 0
             mine = None if prep is None else out[at : at + n] if out is not None else torch.zeros(0)
-            rows[i] = rows_for(predictor, shown[i], prep, mine, err, top_k)
+            rows[i] = build_rows(predictor, shown[i], mine, err, top_k, prep.faces if prep is not None else ())
             at += n
         bar.update(len(items))
     bar.close()
-    return pd.DataFrame([r for per_file in rows for r in per_file]).reindex(columns=output_columns(predictor, top_k))
+    return to_table([r for per_file in rows for r in per_file], predictor, top_k)
 
 
 def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
@@ -303,9 +380,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="bundle folder or BentoML model tag")
     p.add_argument("--input", required=True, help="folder (recursive), CSV with a 'path' column, or glob")
-    p.add_argument("--output", required=True, help="FILE.csv or FILE.parquet")
+    p.add_argument(
+        "--output",
+        required=True,
+        action="append",
+        help="FILE.csv, FILE.parquet or DIR/ (a Parquet dataset folder, one file per block); repeat for several",
+    )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: none)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local engine: decoding processes (0: none; default min(4, CPUs)); ray engine: model actors (default 1)",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
@@ -318,44 +405,74 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-faces", type=int, default=None, help="face models: at most this many faces per photo")
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
+    ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default)")
+    ray.add_argument("--address", default=None, help="Ray cluster to join (host:port, auto, ray://...); default: local")
+    ray.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (0: CPU actors)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (its torch threads)")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Option values that cannot work -> ``FatalError``; the checked ``(spec, path)`` outputs."""
+    for name in ("batch_size", "top_k", "max_pixels") + (("max_faces",) if args.max_faces is not None else ()):
+        if getattr(args, name) < 1:
+            raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < (1 if args.engine == "ray" else 0):
+        least = "1 or more with --engine ray" if args.engine == "ray" else "0 or more"
+        raise FatalError(f"--workers must be {least}, got {args.workers}")
+    if args.engine == "local":
+        for name in ("address", "num_gpus_per_worker"):
+            if getattr(args, name):
+                raise FatalError(f"--{name.replace('_', '-')} needs --engine ray")
+    elif args.num_gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise FatalError("--num-gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
+    elif str(args.device).startswith("cuda") and not args.num_gpus_per_worker:
+        raise FatalError(f"--device {args.device} with --engine ray needs --num-gpus-per-worker (GPUs per actor)")
+    if args.engine == "local" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
+    outputs = [(spec, check_output(spec)) for spec in args.output]
+    paths = [out.resolve() for _, out in outputs]
+    if len(set(paths)) < len(paths):
+        raise FatalError(f"--output: the same path is given twice ({', '.join(args.output)})")
+    return outputs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        for name in ("batch_size", "top_k", "max_pixels") + (("max_faces",) if args.max_faces is not None else ()):
-            if getattr(args, name) < 1:
-                raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if args.workers < 0:
-            raise FatalError(f"--workers must be 0 or more, got {args.workers}")
-        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-            raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
-        out = check_output(args.output)
+        outputs = check_args(args)
         paths, shown = resolve_inputs(args.input)
+        bundle = resolve_model(args.model)
+        device = "cpu" if args.engine == "ray" else args.device  # Ray: the driver only reads the bundle
         try:
-            predictor = Predictor(resolve_model(args.model), device=args.device, max_pixels=args.max_pixels)
+            predictor = Predictor(bundle, device=device, max_pixels=args.max_pixels)
         except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         truth = read_truth(args.truth, predictor) if args.truth else None
-        table = predict(
-            predictor,
-            paths,
-            shown,
-            args.batch_size,
-            args.workers,
-            args.top_k,
-            args.progress,
-            detect=args.detect,
-            max_faces=args.max_faces,
-        )
-        metrics = score(table, truth, predictor, args.truth) if truth is not None else None
-        write_atomic(table, out)
+        if args.engine == "ray":
+            from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
+
+            ray_opts = RayOptions(args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker)
+            table, rows, bad, faceless = run_ray(
+                predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
+                progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
+            )  # fmt: skip
+            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+        else:
+            workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+            table = predict(
+                predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress,
+                detect=args.detect, max_faces=args.max_faces,
+            )  # fmt: skip
+            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+            write_outputs(table, outputs)
+            rows, (bad, faceless) = len(table), error_counts(table)
         if metrics is not None:
-            metrics_file = out.with_name(out.name + ".metrics.json")
+            metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
             tmp = metrics_file.with_name(f".{metrics_file.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps({"truth": args.truth, **metrics}, indent=2) + "\n")
             os.replace(tmp, metrics_file)
@@ -366,14 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
     except OSError as e:  # writing the output (disk full, permissions, ...)
-        print(f"error: --output {args.output}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: --output {', '.join(args.output)}: {e.strerror or e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    faceless = int((table["error"] == NO_FACE).sum())
-    bad = int(table["error"].notna().sum()) - faceless
-    shown_faceless = f", {faceless} without a face" if "face" in table.columns else ""
+    where = ", ".join(str(out) for _, out in outputs)
+    shown_faceless = f", {faceless} without a face" if predictor.uses_faces else ""
     print(
-        f"wrote {len(table)} rows to {out}: {len(table) - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
+        f"wrote {rows} rows to {where}: {rows - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
         f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
         file=sys.stderr,
     )
@@ -384,4 +500,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from serving import batch  # run as ``serving.batch``, not ``__main__``: one FatalError class for every engine
+
+    sys.exit(batch.main())

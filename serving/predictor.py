@@ -28,9 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from data.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, eval_transform, load_image, preprocess
+from data.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    PreprocessSpec,
+    decode_image,
+    eval_transform,
+    load_image,
+    open_image,
+    preprocess,
+)
 from models import heads
 from models.bundle import BundleMeta, load_bundle
 from models.faces import DetectSettings, FaceAligner, FaceFraming
@@ -76,19 +85,36 @@ class ImageLoader:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
         return preprocess(arr, self.spec, self.transform)
 
+    def open(self, src: bytes | str | Path) -> Image.Image:
+        """Read the header only (size checked against ``max_pixels``); ``img.width * img.height`` is the work."""
+        return open_image(src, max_pixels=self.max_pixels)
+
+    def load_opened(self, img: Image.Image) -> torch.Tensor:
+        """An image from ``open`` -> float ``(C, h, w)``: decode + preprocess; ``ImageError`` if unusable."""
+        try:
+            return self.preprocess(decode_image(img, self.spec.channels))
+        finally:
+            img.close()
+
     def __call__(self, src: bytes | str | Path) -> torch.Tensor:
         return self.preprocess(self.decode(src))
 
     def prepare(
-        self, src: bytes | str | Path | np.ndarray, max_faces: int | None = None, detect: bool = True
+        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
     ) -> Prepared:
-        """Decode (unless given an array), then one input per face found, or the whole image as one input.
+        """Decode (an image from ``open`` too), then one input per face found, or the whole image as one input.
 
         Faces are looked for when this loader has an aligner and ``detect``; otherwise the image
         is taken as it is (an aligned chip, or any image for a non-face model): one entry whose box
         is the whole image and whose score is None.
         """
-        arr = src if isinstance(src, np.ndarray) else self.decode(src)
+        if isinstance(src, Image.Image):  # from ``open``: header read, size checked
+            try:
+                arr = decode_image(src, self.spec.channels)
+            finally:
+                src.close()
+        else:
+            arr = src if isinstance(src, np.ndarray) else self.decode(src)
         h, w = arr.shape[:2]
         if self.aligner is None or not detect:
             return Prepared([{"box": [0, 0, w, h], "score": None}], self.preprocess(arr)[None], (w, h))
@@ -157,7 +183,7 @@ class Predictor:
         return self.framing is not None
 
     def prepare(
-        self, src: bytes | str | Path | np.ndarray, max_faces: int | None = None, detect: bool = True
+        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
     ) -> Prepared:
         """The faces in ``src`` and their inputs (see ``ImageLoader.prepare``)."""
         return self.loader.prepare(src, max_faces, detect)

@@ -293,3 +293,30 @@ def test_failures_leave_no_partial_output(setup: dict, tmp_path: Path, monkeypat
     assert run(*args) == 130
     assert out.read_text() == "previous results\n"  # untouched: whole or not at all
     assert [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+@pytest.mark.parametrize("weights", ["/etc/passwd", "http://example.com/w.pth"])
+def test_bundle_naming_outside_weights_is_refused(setup: dict, tmp_path: Path, weights: str) -> None:
+    """``"weights"`` in bundle.json: one ``error:`` line naming the key, exit 1, no output file."""
+    import shutil
+
+    bad = tmp_path / "bad_bundle"
+    shutil.copytree(setup["bundles"]["clf"], bad)
+    meta = json.loads((bad / "bundle.json").read_text())
+    meta["architecture"]["kwargs"]["weights"] = weights
+    (bad / "bundle.json").write_text(json.dumps(meta))
+    out = tmp_path / "out.csv"
+    args = ["--model", str(bad), "--input", str(setup["images"]), "--output", str(out), "--workers", "0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "serving.batch", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --model {bad}: "), r.stderr[-2000:]
+    assert "architecture argument 'weights' is refused" in lines[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad_bundle"]

@@ -177,3 +177,67 @@ def test_save_over_an_existing_bundle_replaces_it_whole(bundle: Path) -> None:
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# A bundle loads nothing from outside its folder
+# ---------------------------------------------------------------------------------------------
+
+OUTSIDE = {  # architecture kwargs that would reach outside the bundle -> words the BundleError must hold
+    "weights /etc/passwd": ({"weights": "/etc/passwd"}, "'weights' is refused"),
+    "weights URL": ({"weights": "https://example.com/resnet18.pth"}, "'weights' is refused"),
+    "weights null": ({"weights": None}, "'weights' is refused"),
+    "unknown key": ({"checkpoint": "x"}, "'checkpoint' is not one 'lenet5' accepts"),
+    "path value": ({"input_size": "/etc/passwd"}, "'input_size' looks like a path or URL"),
+    "file URL value": ({"input_size": "file:///etc/passwd"}, "'input_size' looks like a path or URL"),
+    "http URL value": ({"input_size": "http://example.com/x"}, "'input_size' looks like a path or URL"),
+    "home path": ({"input_size": "~/weights"}, "'input_size' looks like a path or URL"),
+    "relative path": ({"input_size": "../../x"}, "'input_size' looks like a path or URL"),
+    "weights file name": ({"input_size": "model.pth"}, "'input_size' looks like a path or URL"),
+    "nested": ({"input_size": [32, {"a": "s3://bucket/w"}]}, "'input_size' looks like a path or URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_architecture_arguments_from_outside_are_refused(bundle: Path, case: str) -> None:
+    extra, words = OUTSIDE[case]
+    _set_meta(bundle, architecture={"name": "lenet5", "kwargs": {"in_channels": 1, "num_outputs": 3, **extra}})
+    for load in (read_meta, load_bundle):
+        with pytest.raises(BundleError) as e:
+            load(bundle)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(str(bundle / META_FILE)) and words in message, message
+
+
+def test_weights_file_is_never_read(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``weights`` entry naming a real weights file: refused before the builder could read it."""
+    from models import torchvision_models
+
+    outside = bundle.parent / "outside.safetensors"
+    save_model(get_model("resnet18", in_channels=1, num_outputs=3), str(outside))
+    read: list[str] = []
+    real = torchvision_models._read_weights
+    monkeypatch.setattr(torchvision_models, "_read_weights", lambda arch, w: read.append(w) or real(arch, w))
+    get_model("resnet18", in_channels=1, num_outputs=3, weights=str(outside))
+    assert read == [str(outside)]  # the builder alone would load it
+    _set_meta(bundle, architecture={"name": "resnet18", "kwargs": {"num_outputs": 3, "weights": str(outside)}})
+    with pytest.raises(BundleError, match="'weights' is refused"):
+        load_bundle(bundle)
+    assert read == [str(outside)]  # not read again
+
+
+def test_legitimate_architecture_arguments_still_load(tmp_path: Path) -> None:
+    for name, kwargs in (("simple_cnn", {"conv_activation": "relu", "batch_norm": True, "input_size": 28}),
+                         ("vgg_small", {"cfg": [16, "M", 32, "M"], "dropout": 0.1}),
+                         ("resnet18", {"weights": None})):  # fmt: skip
+        net, kwargs = _trained_like(name, **kwargs)
+        out = _save(tmp_path / name, name, net, kwargs)
+        loaded, meta = load_bundle(out)
+        assert "weights" not in meta.architecture["kwargs"] and meta.architecture["kwargs"]["in_channels"] == 1
+
+
+def test_save_refuses_a_bundle_that_would_not_load(tmp_path: Path) -> None:
+    net, kwargs = _trained_like("lenet5")
+    with pytest.raises(BundleError, match="'input_size' looks like a path or URL"):
+        _save(tmp_path / "bad", "lenet5", net, {**kwargs, "input_size": "/tmp/x"})
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,268 @@
+"""API tokens for the BentoML service: a pure-ASGI middleware that wants ``Authorization: Bearer <token>``.
+
+    SVERTKA_API_TOKEN=$(openssl rand -hex 32) bentoml serve
+    SVERTKA_API_TOKEN_FILE=/run/secrets/svertka_tokens bentoml serve     # one token a line
+    curl -H "Authorization: Bearer $TOKEN" -F image=@shirt.png localhost:3000/classify
+
+With ``SVERTKA_API_TOKEN`` and/or ``SVERTKA_API_TOKEN_FILE`` set, every path but the health
+endpoints (``/readyz``, ``/livez``, ``/healthz``, ``/metrics``) needs one of the tokens; anything
+else gets 401 with ``{"error": reason}`` and ``WWW-Authenticate: Bearer``, before the request body
+is read. A browser opening ``/`` gets a small page that asks for the token once and keeps it in the
+tab's ``sessionStorage["svertka_token"]``. The token file (blank lines and ``#`` comments ignored)
+is read again whenever its modification time or size changes, so tokens rotate without a restart;
+a file that vanishes or cannot be read later accepts nothing from it (fail closed). Tokens are
+compared in constant time (``hmac.compare_digest`` against every token) and never logged or echoed.
+
+Without a token the service still starts, and ``bentoml serve`` prints one warning when it binds
+beyond loopback (its default host is 0.0.0.0).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+TOKEN_ENV = "SVERTKA_API_TOKEN"
+TOKEN_FILE_ENV = "SVERTKA_API_TOKEN_FILE"
+OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
+SESSION_KEY = "svertka_token"
+
+
+class TokenError(ValueError):
+    """Token settings that cannot be used (a missing or unreadable file, a file with no token, ...)."""
+
+
+def parse_tokens(text: str, source: str) -> list[bytes]:
+    """One token a line; blank lines and ``#`` comments are skipped. Messages give line numbers, never tokens."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(line.split()) != 1:
+            raise TokenError(f"{source}: line {number} holds more than one word (a token has no spaces)")
+        tokens.append(line.encode())
+    return tokens
+
+
+class Tokens:
+    """The accepted tokens: ``SVERTKA_API_TOKEN`` plus the lines of ``SVERTKA_API_TOKEN_FILE``, kept current."""
+
+    def __init__(self, token: str | None = None, file: str | Path | None = None) -> None:
+        self.fixed = parse_tokens(token, TOKEN_ENV) if token else []
+        self.file = Path(file).expanduser().absolute() if file else None
+        self.from_file: list[bytes] = []
+        self.stamp: tuple[int, ...] | None = None
+        if self.file is not None:  # at start a bad file stops the server with a clear line
+            self.stamp = self._stat()
+            self.from_file = self._read()
+            if not self.from_file:
+                raise TokenError(
+                    f"{TOKEN_FILE_ENV}={self.file} holds no token (one token a line; blank lines and # comments "
+                    "are skipped)"
+                )
+        if not self.fixed and self.file is None:
+            raise TokenError(f"{TOKEN_ENV} is blank")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Tokens | None:
+        """The tokens the environment sets up, or None when auth is off; ``TokenError`` if unusable."""
+        token, file = environ.get(TOKEN_ENV, ""), environ.get(TOKEN_FILE_ENV, "").strip()
+        if not token and not file:
+            return None
+        return cls(token or None, file or None)
+
+    def _stat(self) -> tuple[int, ...]:
+        assert self.file is not None
+        try:
+            st = self.file.stat()
+        except OSError as e:
+            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: {e.strerror or e}") from None
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+    def _read(self) -> list[bytes]:
+        assert self.file is not None
+        try:
+            text = self.file.read_text()
+        except OSError as e:
+            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: not UTF-8 text") from None
+        return parse_tokens(text, f"{TOKEN_FILE_ENV}={self.file}")
+
+    def current(self) -> list[bytes]:
+        """Every accepted token; the file is read again when its mtime, size or inode changed."""
+        if self.file is None:
+            return self.fixed
+        stamp = None
+        try:
+            stamp = self._stat()
+            if stamp != self.stamp:
+                self.from_file = self._read()
+                if not self.from_file:
+                    raise TokenError(f"{TOKEN_FILE_ENV}={self.file} holds no token")
+        except TokenError as e:  # fail closed: the file's tokens are gone until it is usable again
+            if stamp != self.stamp:
+                print(f"warning: {e}; no token from that file is accepted until it is fixed", file=sys.stderr)
+            self.from_file = []
+        self.stamp = stamp
+        return self.fixed + self.from_file
+
+    def accepts(self, candidate: bytes) -> bool:
+        """Constant-time check against every token (no early exit, so timing says nothing about which)."""
+        ok = False
+        for token in self.current():
+            ok |= hmac.compare_digest(candidate, token)
+        return ok and bool(candidate)
+
+
+PROMPT_PAGE = """<!doctype html>
+<html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Svertka: API token</title>
+<style>body{font:16px system-ui,sans-serif;max-width:26rem;margin:15vh auto;padding:0 1rem}
+input,button{font:inherit;padding:.4rem .6rem}input{width:100%;box-sizing:border-box;margin:.6rem 0}
+#msg{color:#b00020}</style>
+<h1>Svertka</h1>
+<p>This server needs an API token. It is kept in this tab only (session storage).</p>
+<form id="form"><input id="token" type="password" autocomplete="off" placeholder="API token" autofocus>
+<button>Open</button></form><p id="msg"></p>
+<script>
+const KEY = "svertka_token", msg = document.getElementById("msg");
+async function open_with(token) {
+  const r = await fetch(location.pathname, {headers: {Authorization: "Bearer " + token, Accept: "text/html"}});
+  if (r.status === 401) { sessionStorage.removeItem(KEY); msg.textContent = "That token was not accepted."; return; }
+  sessionStorage.setItem(KEY, token);
+  const html = await r.text();
+  document.open(); document.write(html); document.close();
+}
+document.getElementById("form").onsubmit = (e) => {
+  e.preventDefault();
+  const token = document.getElementById("token").value.trim();
+  if (token) open_with(token).catch((err) => { msg.textContent = String(err); });
+};
+const saved = sessionStorage.getItem(KEY);
+if (saved) open_with(saved).catch(() => {});
+</script>
+</html>
+"""
+
+
+class TokenAuthMiddleware:
+    """401 for every request without an accepted ``Authorization: Bearer`` token, but the health paths.
+
+    ``tokens`` None (no token configured) lets everything through.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: Tokens | None) -> None:
+        self.app, self.tokens = app, tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tokens is None or scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if scope["type"] == "http" and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            return await self.app(scope, receive, send)  # a CORS preflight: browsers never send credentials
+        reason, given = self._refusal(headers.get(b"authorization"))
+        if reason is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        challenge = b'Bearer realm="svertka"' + (b', error="invalid_token"' if given else b"")
+        browser = (
+            scope["method"] in ("GET", "HEAD") and scope["path"] == "/" and b"text/html" in headers.get(b"accept", b"")
+        )
+        if browser:
+            body, ctype = PROMPT_PAGE.encode(), b"text/html; charset=utf-8"
+        else:
+            body, ctype = json.dumps({"error": reason}).encode(), b"application/json"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", ctype),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", challenge),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    def _refusal(self, header: bytes | None) -> tuple[str | None, bool]:
+        """(why the request is refused or None, whether it carried a token at all)."""
+        assert self.tokens is not None
+        if header is None:
+            return "missing API token: send the header 'Authorization: Bearer <token>'", False
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "the Authorization header must be 'Bearer <token>'", False
+        token = token.strip()
+        if not token:
+            return "empty API token in 'Authorization: Bearer'", True
+        if not self.tokens.accepts(token):
+            return "invalid API token", True
+        return None, True
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost" reach only this machine; 0.0.0.0, :: and real addresses do not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def should_warn(tokens: Tokens | None, host: str | None) -> bool:
+    """Warn when no token is set and the server binds beyond loopback (``host`` None: not serving)."""
+    return tokens is None and host is not None and not is_loopback(host)
+
+
+def serve_host() -> str | None:
+    """The host ``bentoml serve`` is about to bind, when this process is that command (not a worker), else None.
+
+    BentoML 1.4 imports the service in the ``bentoml serve`` process (inside its click command, whose
+    ``--host`` option also reads ``BENTOML_HOST``) before it starts the workers; with neither given it
+    binds the configured ``api_server.http.host`` (0.0.0.0 by default). Workers run another command
+    without a ``host`` option, so the warning is printed once, not once per worker.
+    """
+    try:
+        import click
+    except ImportError:
+        return None
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or "host" not in ctx.params:
+        return None
+    host = ctx.params["host"]
+    if not host:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        host = BentoMLContainer.http.host.get()
+    return str(host)
+
+
+def startup(environ: Mapping[str, str] = os.environ) -> Tokens | None:
+    """The tokens for ``TokenAuthMiddleware``; one ``error:`` line and exit if unusable; the open-server warning."""
+    try:
+        tokens = Tokens.from_env(environ)
+    except TokenError as e:
+        sys.exit(f"error: {e}")
+    host = serve_host()
+    if should_warn(tokens, host):
+        print(
+            f"warning: no API token is set and the server listens on {host} (beyond this machine): anyone who "
+            f"can reach the port can use every API. Set {TOKEN_ENV} or {TOKEN_FILE_ENV} (docs/SERVING.md), or "
+            "serve with --host 127.0.0.1",
+            file=sys.stderr,
+            flush=True,
+        )
+    return tokens

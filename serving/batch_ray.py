@@ -1,0 +1,307 @@
+"""The Ray Data engine of the batch script: label millions of files on a Ray cluster.
+
+    python -m serving.batch --model utkface_age:latest --input faces.csv --output ages/ --engine ray
+    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages.parquet \
+        --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
+
+``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
+calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows: reading, decoding
+and preprocessing (for a face model also detecting and aligning each face) run as parallel Ray
+tasks (``decode_batch``), the forward runs in a pool of
+``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and building
+its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
+The bundle's files travel through Ray's object store, so actors on other machines need no copy of
+it; the input files must be readable at the same path on every node (a shared file system).
+
+Faults: Ray Data's actor pool restarts a dead actor and runs the batches it held again (its
+defaults ``max_restarts=-1``, ``max_task_retries=-1``; decoding tasks are retried too); the
+driver receives each block once, in input order (``preserve_order``), and streams it into the
+outputs' temporary names, renamed at the end.
+
+Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores, for
+the decoding tasks, plus ``--workers x --cpus-per-worker`` for the actors: Ray Data's actor pool
+and its read tasks must not compete for the same CPU budget, or the job can stall (Ray 2.60 with
+``num_cpus=2`` and a pool of 2 waits forever on a 2-core machine). Only this module imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models.bundle import META_FILE, WEIGHTS_FILE
+from serving.batch import (
+    FatalError,
+    build_rows,
+    error_counts,
+    is_dataset,
+    load_one,
+    remove,
+    temp_name,
+    to_table,
+    write_outputs,
+)
+from serving.predictor import ImageLoader, Predictor
+
+ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
+BATCHES_PER_BLOCK = 4  # input rows per block: a decoding task reads this many batches
+DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (a worker with torch: ~400 MB)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide to run: the cluster (None: a local Ray) and the actor pool."""
+
+    address: str | None = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
+) -> dict[str, np.ndarray]:
+    """A Ray task: read, decode and preprocess files (a face model: detect and align each face too).
+
+    Per file: ``x`` its inputs ``(K, C, h, w)`` float32 (K faces, or 1: the whole image; 0 if bad or
+    faceless), ``box`` ``(K, 4)``, ``score`` ``(K,)`` (NaN: none) and ``error`` ('' if ok).
+    """
+    torch.set_num_threads(1)
+    c, (h, w) = loader.spec.channels, loader.spec.input_size
+    xs, boxes, scores, errors = [], [], [], []
+    for file in batch["file"]:
+        prep, err = load_one(loader, str(file), max_faces, detect)
+        faces = prep.faces if prep is not None else []
+        xs.append(prep.inputs.numpy() if prep is not None else np.zeros((0, c, h, w), np.float32))
+        boxes.append(np.asarray([f["box"] for f in faces], np.int64).reshape(-1, 4))
+        scores.append(np.asarray([np.nan if f["score"] is None else f["score"] for f in faces], np.float64))
+        errors.append(err or "")
+    return {"path": batch["path"], "x": _ragged(xs), "box": _ragged(boxes), "score": _ragged(scores),
+            "error": np.asarray(errors, dtype=object)}  # fmt: skip
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array per file (their first dimensions differ) as an object column Ray Data can carry."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
+class Forward:
+    """A Ray actor: the bundle's ``Predictor``; a decoded batch -> its output rows."""
+
+    def __init__(self, files: list[Any], device: str, max_pixels: int | None, top_k: int, threads: int) -> None:
+        import ray
+
+        torch.set_num_threads(threads)
+        files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
+        folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        try:
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        xs = [np.asarray(x, np.float32) for x in batch["x"]]  # per file: (K, C, h, w)
+        good = [x for x, err in zip(xs, batch["error"], strict=True) if err == "" and len(x)]
+        out = self.predictor.predict_tensors(torch.from_numpy(np.concatenate(good))) if good else None
+        rows, at = [], 0
+        for j, path in enumerate(batch["path"]):
+            err = batch["error"][j] or None
+            n = len(xs[j]) if err is None else 0
+            outputs = None if err is not None else out[at : at + n] if n else torch.zeros(0)
+            faces = [
+                {"box": [int(v) for v in box], "score": None if np.isnan(score) else float(score)}
+                for box, score in zip(np.asarray(batch["box"][j]).reshape(-1, 4), batch["score"][j], strict=True)
+            ]
+            rows += build_rows(self.predictor, str(path), outputs, err, self.top_k, faces)
+            at += n
+        return to_table(rows, self.predictor, self.top_k)
+
+
+def connect(opts: RayOptions) -> bool:
+    """Join the cluster at ``opts.address``, or start a local Ray sized for decoding + actors; True if started here."""
+    import ray
+
+    if opts.address:
+        check_reachable(opts.address)
+    if ray.is_initialized():  # called from a Ray driver that is already connected (e.g. the tests' session)
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
+    try:
+        if opts.address:
+            import data
+            import models
+            import serving
+
+            # The cluster's Python needs svertka's dependencies; its own code travels with the job.
+            ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
+        else:
+            cpus = (os.cpu_count() or 1) + math.ceil(opts.workers * opts.cpus_per_worker)
+            # "local": a new Ray of our own, even when `ray start --head` runs on this machine
+            ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"--address {opts.address}" if opts.address else "--engine ray"
+        hint = ""
+        if opts.address and os.environ.get("RAY_AUTH_MODE") is None:
+            hint = "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and copy its ~/.ray/auth_token"
+        raise FatalError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0]}){hint}") from None
+    return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """``host:port``: ``FatalError`` at once if nothing listens there (``ray.init`` would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():  # "auto", ray://..., or a form Ray checks itself
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FatalError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
+
+
+def bundle_files(bundle: Path) -> dict[str, bytes]:
+    """The bundle's two files, to ship to the actors through the object store."""
+    return {name: (bundle / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE)}
+
+
+def pipeline(
+    predictor: Predictor,
+    bundle: Path,
+    paths: Sequence[Path],
+    shown: Sequence[str],
+    batch_size: int,
+    top_k: int,
+    device: str,
+    opts: RayOptions,
+    detect: bool = True,
+    max_faces: int | None = None,
+) -> Any:
+    """The lazy dataset: ``(file, path)`` rows -> decoding tasks -> the actor pool -> output rows."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in input order, as the local engine writes them
+    ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    files = pd.DataFrame({"file": [str(p.resolve()) for p in paths], "path": list(shown)})
+    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * (os.cpu_count() or 1))))
+    per_block = max(1, per_block)  # big jobs: a few batches per decoding task; small ones: still parallel
+    blocks = [files.iloc[i : i + per_block] for i in range(0, len(files), per_block)]
+    threads = max(1, int(opts.cpus_per_worker))
+    return (
+        ray.data.from_pandas(blocks)
+        .map_batches(
+            decode_batch,
+            batch_size=batch_size,
+            fn_kwargs={"loader": predictor.loader, "max_faces": max_faces, "detect": detect},
+            num_cpus=1,
+            # A memory request of their own also keeps Ray Data from fusing the decoding into the
+            # actors (it fuses a task into an actor pool with the same resources): decoding stays
+            # in parallel tasks, off the actors' (GPUs') CPUs.
+            memory=DECODE_MEMORY,
+        )
+        .map_batches(
+            Forward,
+            batch_size=batch_size,
+            fn_constructor_args=([ray.put(bundle_files(bundle))], device, predictor.max_pixels, top_k, threads),
+            compute=ray.data.ActorPoolStrategy(size=opts.workers),
+            num_cpus=opts.cpus_per_worker,
+            num_gpus=opts.gpus_per_worker or None,
+            batch_format="numpy",
+        )
+    )
+
+
+def run_ray(
+    predictor: Predictor,
+    bundle: Path,
+    paths: Sequence[Path],
+    shown: Sequence[str],
+    outputs: Sequence[tuple[str, Path]],
+    batch_size: int,
+    top_k: int,
+    device: str,
+    opts: RayOptions,
+    progress: bool | None = None,
+    keep_table: bool = False,
+    detect: bool = True,
+    max_faces: int | None = None,
+) -> tuple[pd.DataFrame | None, int, int, int]:
+    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless).
+
+    The table is kept on the driver only when a single-file output or ``keep_table`` needs it;
+    dataset folders receive the blocks as they arrive.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise FatalError("--engine ray: Ray is not installed (pip install 'svertka[ray]')") from None
+    started = connect(opts)
+    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
+    keep = keep_table or any(not is_dataset(spec) for spec, _ in outputs)
+    try:
+        for folder in folders:
+            folder.mkdir()
+        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
+        bar = progress_bar(len(paths), progress)
+
+        def flush() -> None:
+            nonlocal parts, pending
+            if pending and folders:
+                part = pd.concat(pending, ignore_index=True)
+                for folder in folders:
+                    part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
+                parts += 1
+            pending = []
+
+        try:
+            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces)
+            for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
+                block = block.astype(to_table([], predictor, top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
+                counts = error_counts(block)
+                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
+                if keep:
+                    frames.append(block)
+                pending.append(block)
+                if sum(len(f) for f in pending) >= ROWS_PER_FILE:
+                    flush()
+                bar.update(len(block))
+            flush()
+        except ray.exceptions.RayError as e:
+            raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
+        finally:
+            bar.close()
+        table = pd.concat(frames, ignore_index=True) if keep else None
+        write_outputs(table, outputs, prewritten=folders)
+    except BaseException:
+        for folder in folders:
+            remove(folder)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return table, rows, bad, faceless
+
+
+def progress_bar(total: int, progress: bool | None) -> Any:
+    """The driver's progress bar: files done, files/s and ETA (on a TTY unless ``progress`` says)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="predicting (ray)", disable=None if progress is None else not progress)

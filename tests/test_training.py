@@ -323,6 +323,51 @@ def test_resume_matches_uninterrupted_fit(tmp_path: Path, monkeypatch: pytest.Mo
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
 
 
+AUGMENT = {
+    "random_crop_padding": 2,
+    "rotate": 10,
+    "affine_p": 1.0,
+    "transform": [  # albumentations' own serialized form; GaussNoise has no batched version
+        {"__class_fullname__": "GaussNoise", "std_range": [0.02, 0.06], "p": 0.5},
+        {"__class_fullname__": "HorizontalFlip", "p": 0.5},
+        {"__class_fullname__": "CoarseDropout", "hole_height_range": [0.1, 0.25], "p": 0.5},
+    ],
+}
+
+
+def test_mid_epoch_resume_with_augmentation_matches_uninterrupted_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill after 9 steps (mid 2nd epoch), resume from that checkpoint: same weights as 12 straight steps.
+
+    The augmentation has a per-sample part (albumentations, in a loader worker on resume) and a
+    batched part (the engine's generator is in the checkpoint); the straight run also exports the
+    bundle, which records the resolved pipeline, as the run's config.yaml records the config.
+    """
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    aug = ["--data.init_args.augment", json.dumps(AUGMENT), "--trainer.max_epochs", "2"]
+    assert _fit(tmp_path, "straight", 2, *aug, "--export", "true") == 0
+    kill = ["--trainer.max_steps", "9", "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'killed'}", "--trainer.callbacks.every_n_train_steps=9",
+            "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename=step9"]  # fmt: skip
+    assert _fit(tmp_path, "resumed", 2, *aug, *kill) == 0
+    killed = load_checkpoint(tmp_path / "killed" / "step9.ckpt")
+    assert killed["global_step"] == 9 and killed["epoch"] == 1  # 3 batches into the 2nd epoch
+    resume = ["--ckpt_path", str(tmp_path / "killed" / "step9.ckpt"), "--data.init_args.num_workers", "1"]
+    assert _fit(tmp_path, "resumed", 2, *aug, *resume) == 0
+    a = load_checkpoint(tmp_path / "runs/straight/checkpoints/last.ckpt")
+    b = load_checkpoint(tmp_path / "runs/resumed/checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0)
+
+    bundle = json.loads((tmp_path / "artifacts/straight/bundle.json").read_text())
+    ops = [t["__class_fullname__"] for t in bundle["augmentation"]["transform"]["transforms"]]
+    assert ops == ["PadIfNeeded", "RandomCrop", "Affine", "GaussNoise", "HorizontalFlip", "CoarseDropout"]
+    config = yaml.safe_load((tmp_path / "runs/straight/version_0/config.yaml").read_text())
+    assert config["data"]["init_args"]["augment"]["transform"][0]["__class_fullname__"] == "GaussNoise"
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short quickstart fit (with test and export) shared by the export and parity tests."""

@@ -20,7 +20,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from data.base import ImageDataModule, Split
+from data.base import Augment, ImageDataModule, Split
 from data.digits import DigitsDataModule
 from training import AgeRegressor, ImageClassifier
 from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint
@@ -243,6 +243,64 @@ def test_channels_last_gives_same_outputs() -> None:
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def _fit_and_export(tmp_path: Path, name: str, accelerator: str = "cpu", precision: str = "32-true", **kw) -> Path:
+    """2 epochs x 3 batches of lenet5 on digits with augmentation; the bundle's folder."""
+    dm_kw = {k: kw.pop(k) for k in ("num_workers", "pin_memory") if k in kw}
+    dm = DigitsDataModule(batch_size=32, augment=Augment(shift=0.1, rotate=10), **dm_kw)
+    torch.manual_seed(0)
+    model = ImageClassifier("lenet5", **kw)
+    trainer = tiny_trainer(tmp_path / name, accelerator=accelerator, precision=precision, max_epochs=2,
+                           limit_train_batches=3, callbacks=[ExportBundle(tmp_path / name / "bundle")])  # fmt: skip
+    trainer.fit(model, dm)
+    return tmp_path / name / "bundle"
+
+
+def _same_bundle_format(plain: Path, other: Path) -> None:
+    """Same metadata (but the config and metrics), same tensor names, shapes, dtypes, plain contiguous layout."""
+    from safetensors.torch import load_file
+
+    a, b = (json.loads((p / "bundle.json").read_text()) for p in (plain, other))
+    for key in ("task", "architecture", "class_names", "preprocess", "tta", "augmentation", "format_version"):
+        assert a[key] == b[key], key
+    wa, wb = load_file(plain / "model.safetensors"), load_file(other / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype == torch.float32, k
+        assert wb[k].is_contiguous(), k
+
+
+@pytest.mark.parametrize("compile_net", [False, True], ids=["channels_last+bf16", "compiled"])
+def test_speed_options_give_the_same_bundle(tmp_path: Path, compile_net: bool) -> None:
+    """channels_last, bf16-mixed (CPU autocast) and torch.compile change the speed, not the bundle."""
+    plain = _fit_and_export(tmp_path, "plain")
+    if compile_net:
+        fast = _fit_and_export(tmp_path, "fast", compile_net=True)
+    else:
+        fast = _fit_and_export(tmp_path, "fast", precision="bf16-mixed", channels_last=True)
+    _same_bundle_format(plain, fast)
+    from models.bundle import load_bundle
+
+    net, _ = load_bundle(fast)
+    ckpt_free = ImageClassifier("lenet5")
+    ckpt_free.net.load_state_dict(net.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ckpt_free.eval()(x), atol=1e-5, rtol=1e-5)
+    if compile_net:  # the compiled module stays out of the state dict
+        assert all(not k.startswith("_train_net") and "_orig_mod" not in k for k in ckpt_free.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_options_train_and_give_the_same_bundle(tmp_path: Path) -> None:
+    """On a GPU: bf16-mixed, channels_last, torch.compile, pinned memory, persistent workers; same bundle."""
+    plain = _fit_and_export(tmp_path, "plain")
+    fast = _fit_and_export(
+        tmp_path, "gpu", accelerator="gpu", precision="bf16-mixed", channels_last=True, compile_net=True,
+        num_workers=2, pin_memory=True,
+    )  # fmt: skip
+    _same_bundle_format(plain, fast)
 
 
 # ---------------------------------------------------------------- configs

@@ -76,6 +76,7 @@ class ImageTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         tta_hflip: bool = False,
     ) -> None:
         super().__init__()
@@ -95,6 +96,10 @@ class ImageTask(LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # torch.compile for the training steps only; kept out of the module tree, so the state dict,
+        # checkpoints and bundles are those of the plain network whatever this is
+        self.compile_net = compile_net
+        self.__dict__["_train_net"] = torch.compile(self.net) if compile_net else self.net
         # What a bundle needs beyond the weights; filled from the data module or a loaded checkpoint.
         self.bundle_info: dict[str, Any] | None = None
         self.run_config: dict[str, Any] | None = None  # the CLI's config for this run, if any
@@ -106,7 +111,8 @@ class ImageTask(LightningModule):
         """The network's own output ``(B, num_outputs)``: logits, or values / bin logits for regression."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)  # (B, C, H, W) -> (B, num_outputs)
+        net = self.__dict__["_train_net"] if self.training else self.net
+        return net(x)  # (B, C, H, W) -> (B, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x)
@@ -234,6 +240,7 @@ class ImageClassifier(ImageTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         label_smoothing: float = 0.0,
         tta_hflip: bool = False,
     ) -> None:
@@ -246,6 +253,7 @@ class ImageClassifier(ImageTask):
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            compile_net=compile_net,
             tta_hflip=tta_hflip,
         )
         if not 0.0 <= label_smoothing < 1.0:
@@ -341,6 +349,7 @@ class AgeRegressor(ImageTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         loss: Literal["l1", "mse", "smooth_l1"] = "l1",
         target: dict | None = None,
         head: Literal["linear", "distribution"] = "linear",
@@ -367,6 +376,7 @@ class AgeRegressor(ImageTask):
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            compile_net=compile_net,
             tta_hflip=tta_hflip,
         )
         losses = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}

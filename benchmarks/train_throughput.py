@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.mnist import read_idx  # noqa: E402
+from data.mnist import find_raw_file, read_idx  # noqa: E402
 from models import get_model  # noqa: E402
 
 AUGMENT = "{hflip: 0.5, shift: 0.1, scale: 0.1, rotate: 10, random_crop_padding: 2, coarse_dropout: 0.5}"
@@ -49,8 +49,8 @@ def plain_loop(
         torch.set_num_threads(threads)
     dev = torch.device(device)
     raw = root / "FashionMNIST" / "raw"
-    images = read_idx(raw / "train-images-idx3-ubyte")
-    labels = torch.as_tensor(read_idx(raw / "train-labels-idx1-ubyte").astype("int64"))
+    images = read_idx(find_raw_file(raw, "train-images-idx3-ubyte"))  # plain or .gz
+    labels = torch.as_tensor(read_idx(find_raw_file(raw, "train-labels-idx1-ubyte")).astype("int64"))
     init = cfg["model"]["init_args"]
     data_args = cfg["data"].get("init_args", {})
     batch_size = int(cfg.get("_batch_size") or data_args.get("batch_size", 128))

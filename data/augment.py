@@ -140,6 +140,15 @@ class Augment:
         return A.to_dict(A.Compose(self.ops(input_size)))
 
 
+def _check_p(item: dict) -> None:
+    """Every transform states its ``p``: ``A.from_dict`` would silently use 0.5, not the class's default."""
+    if "p" not in item:
+        raise ValueError(f"augment.transform: {item.get('__class_fullname__')}: give its probability p explicitly")
+    for child in item.get("transforms") or []:
+        if isinstance(child, dict):
+            _check_p(child)
+
+
 def from_serialized(spec: Any) -> list[A.BasicTransform]:
     """Albumentations transforms from their ``A.to_dict`` form; ``ValueError`` naming what is wrong."""
     if spec is None:
@@ -151,6 +160,7 @@ def from_serialized(spec: Any) -> list[A.BasicTransform]:
     for item in items:
         if not isinstance(item, dict) or "__class_fullname__" not in item:
             raise ValueError(f"augment.transform: expected albumentations' serialized form, got {item!r}")
+        _check_p(item)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

@@ -165,7 +165,7 @@ def test_split_runs_the_batchable_tail_batched() -> None:
     assert [type(o).__name__ for o in per_sample] == [
         "PadIfNeeded", "RandomCrop", "HorizontalFlip", "CoarseDropout", "GaussNoise"]  # fmt: skip
     assert units == []
-    first = Augment(transform={"__class_fullname__": "Compose", "transforms": [noise, {"__class_fullname__":
+    first = Augment(transform={"__class_fullname__": "Compose", "p": 1.0, "transforms": [noise, {"__class_fullname__":
                     "HorizontalFlip", "p": 0.5}]}, rotate=10, affine_p=1.0)  # fmt: skip
     per_sample, units = split_pipeline(first.ops(size), size)
     assert [type(o).__name__ for o in per_sample] == ["Affine", "GaussNoise"]
@@ -187,7 +187,9 @@ def test_pipeline_is_albumentations_serialized_form() -> None:
     assert A.to_dict(again) == d
     assert Augment(transform=d).ops((28, 28))[0].p == 0.5  # a whole A.to_dict output is accepted too
     with pytest.raises(ValueError, match="unknown albumentations transform 'NoSuchOp'"):
-        Augment(transform={"__class_fullname__": "NoSuchOp"})
+        Augment(transform={"__class_fullname__": "NoSuchOp", "p": 1.0})
+    with pytest.raises(ValueError, match="PadIfNeeded: give its probability p"):  # from_dict would use 0.5
+        Augment(transform={"__class_fullname__": "PadIfNeeded", "min_height": 32, "min_width": 32})
     with pytest.raises(ValueError, match="GaussNoise.*not valid"):
         Augment(transform={"__class_fullname__": "GaussNoise", "sigma": 3, "p": 1.0})
     with pytest.raises(ValueError, match="serialized form"):

@@ -272,6 +272,7 @@ class BatchAugment:
         self.seed = seed
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean/std per device, copied once
         self.generator: torch.Generator | None = None
         self._state: torch.Tensor | None = None  # restored state for a generator not created yet
 
@@ -366,14 +367,9 @@ class BatchAugment:
             a = torch.deg2rad(params["rotate"])
             c, s = torch.cos(a), torch.sin(a)
             sx, sy = params["scale_x"], params["scale_y"]
-            aff = torch.stack(
-                [
-                    torch.stack([c * sx, s * sy, params["tx"]], -1),
-                    torch.stack([-s * sx, c * sy, params["ty"]], -1),
-                    torch.tensor([0.0, 0.0, 1.0], device=dev).expand(b, 3),
-                ],
-                dim=1,
-            )
+            aff = m.clone()  # last row stays (0, 0, 1); built on the device, no host copy
+            aff[:, 0, 0], aff[:, 0, 1], aff[:, 0, 2] = c * sx, s * sy, params["tx"]
+            aff[:, 1, 0], aff[:, 1, 1], aff[:, 1, 2] = -s * sx, c * sy, params["ty"]
             m = torch.where(on[:, None, None], aff, m)
         return m
 
@@ -407,7 +403,10 @@ class BatchAugment:
                 hole = (inside & p["active"][..., None, None]).any(dim=1) & p["on"].view(-1, 1, 1)
                 x = x.masked_fill(hole[:, None], float(op.fill) / 255.0)
         x = self._warp(x, geometry)
-        return (x - self.mean.to(dev)) / self.std.to(dev)  # (B, C, H, W)
+        if dev not in self._norm:
+            self._norm[dev] = (self.mean.to(dev), self.std.to(dev))
+        mean, std = self._norm[dev]
+        return (x - mean) / std  # (B, C, H, W)
 
     @staticmethod
     def _warp(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
@@ -415,9 +414,14 @@ class BatchAugment:
         if m is None:
             return x
         b, _, h, w = x.shape
-        d = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], device=x.device))  # centred pixels -> [-1, 1]
-        theta = d @ torch.linalg.inv(m) @ torch.linalg.inv(d)  # output -> input, normalized
-        grid = F.affine_grid(theta[:, :2], [b, x.shape[1], h, w], align_corners=False)
+        inv = torch.linalg.inv_ex(m).inverse  # output -> input in centred pixels; no error check, no sync
+        # to [-1, 1] coordinates: theta = D inv D^-1 with D = diag(2 / w, 2 / h, 1)
+        theta = inv[:, :2].clone()
+        theta[:, 0, 1] *= h / w
+        theta[:, 1, 0] *= w / h
+        theta[:, 0, 2] *= 2.0 / w
+        theta[:, 1, 2] *= 2.0 / h
+        grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

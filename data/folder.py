@@ -115,6 +115,8 @@ class ImageFolderDataModule(FileDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         on_bad_image: BadImagePolicy = "skip",
     ) -> None:
         folder = Path(root) if root else None
@@ -135,6 +137,8 @@ class ImageFolderDataModule(FileDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=classes,
             test_fraction=0.0 if test_dir else test_fraction,
@@ -206,6 +210,8 @@ class CSVDataModule(FileDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         on_bad_image: BadImagePolicy = "skip",
     ) -> None:
         csv_path = Path(csv)
@@ -252,6 +258,8 @@ class CSVDataModule(FileDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=names if self.task == "classification" else None,
             target=target,

@@ -109,6 +109,7 @@ class BundleMeta:
     tta: list[str] = field(default_factory=list)  # test-time augmentation, e.g. ["hflip"] (models.heads)
     metrics: dict[str, float] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    augmentation: dict[str, Any] | None = None  # the training augmentation (A.to_dict), never used at inference
     versions: dict[str, str] = field(default_factory=dict)
     weights_sha256: str = ""
     created: str = ""
@@ -138,6 +139,7 @@ class BundleMeta:
             "preprocess": self.preprocess.to_dict(),
             "metrics": self.metrics,
             "training_config": self.training_config,
+            "augmentation": self.augmentation,
             "versions": self.versions,
             "weights_sha256": self.weights_sha256,
             "created": self.created,
@@ -183,6 +185,7 @@ def save_bundle(
     metrics: dict[str, float] | None = None,
     training_config: dict[str, Any] | None = None,
     tta: list[str] | None = None,
+    augmentation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``out_dir`` (replaced whole, never half-written)."""
     if task not in ("classification", "regression"):
@@ -214,6 +217,7 @@ def save_bundle(
             tta=tta,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             training_config=_jsonable(training_config or {}),
+            augmentation=_jsonable(augmentation) if augmentation else None,
             versions=_versions(),
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -262,6 +266,7 @@ def read_meta(path: str | Path) -> BundleMeta:
             tta=check_tta(raw.get("tta")),
             metrics=raw.get("metrics") or {},
             training_config=raw.get("training_config") or {},
+            augmentation=raw.get("augmentation"),
             versions=raw.get("versions") or {},
             weights_sha256=raw["weights_sha256"],
             created=raw.get("created", ""),

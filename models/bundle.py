@@ -110,6 +110,7 @@ class BundleMeta:
     faces: dict[str, Any] | None = None  # {"aligned": true, "size": 200, "padding": 0.25}: input is a face chip
     metrics: dict[str, float] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    augmentation: dict[str, Any] | None = None  # the training augmentation (A.to_dict), never used at inference
     versions: dict[str, str] = field(default_factory=dict)
     weights_sha256: str = ""
     created: str = ""
@@ -140,6 +141,7 @@ class BundleMeta:
             "preprocess": self.preprocess.to_dict(),
             "metrics": self.metrics,
             "training_config": self.training_config,
+            "augmentation": self.augmentation,
             "versions": self.versions,
             "weights_sha256": self.weights_sha256,
             "created": self.created,
@@ -204,6 +206,7 @@ def save_bundle(
     training_config: dict[str, Any] | None = None,
     tta: list[str] | None = None,
     faces: dict[str, Any] | None = None,
+    augmentation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``out_dir`` (replaced whole, never half-written)."""
     if task not in ("classification", "regression"):
@@ -237,6 +240,7 @@ def save_bundle(
             faces=faces,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             training_config=_jsonable(training_config or {}),
+            augmentation=_jsonable(augmentation) if augmentation else None,
             versions=_versions(),
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,6 +290,7 @@ def read_meta(path: str | Path) -> BundleMeta:
             faces=_check_faces(raw.get("faces")),
             metrics=raw.get("metrics") or {},
             training_config=raw.get("training_config") or {},
+            augmentation=raw.get("augmentation"),
             versions=raw.get("versions") or {},
             weights_sha256=raw["weights_sha256"],
             created=raw.get("created", ""),

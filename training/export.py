@@ -61,6 +61,7 @@ def write_bundle(
         training_config=meta.get("config") or {},
         tta=meta.get("tta") or [],
         faces=meta.get("faces"),
+        augmentation=meta.get("augmentation"),
     )
 
 

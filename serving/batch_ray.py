@@ -6,7 +6,8 @@
 
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
 calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows: reading, decoding
-and preprocessing run as parallel Ray tasks (``decode_batch``), the forward runs in a pool of
+and preprocessing (for a face model also detecting and aligning each face) run as parallel Ray
+tasks (``decode_batch``), the forward runs in a pool of
 ``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and building
 its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
@@ -41,7 +42,17 @@ import pandas as pd
 import torch
 
 from models.bundle import META_FILE, WEIGHTS_FILE
-from serving.batch import FatalError, build_rows, is_dataset, load_one, remove, temp_name, to_table, write_outputs
+from serving.batch import (
+    FatalError,
+    build_rows,
+    error_counts,
+    is_dataset,
+    load_one,
+    remove,
+    temp_name,
+    to_table,
+    write_outputs,
+)
 from serving.predictor import ImageLoader, Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
@@ -59,21 +70,33 @@ class RayOptions:
     gpus_per_worker: float = 0.0
 
 
-def decode_batch(batch: dict[str, np.ndarray], loader: ImageLoader) -> dict[str, np.ndarray]:
-    """A Ray task: read, decode and preprocess files -> ``x`` ``(B, C, h, w)`` float32 and ``error`` ('' if ok)."""
+def decode_batch(
+    batch: dict[str, np.ndarray], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
+) -> dict[str, np.ndarray]:
+    """A Ray task: read, decode and preprocess files (a face model: detect and align each face too).
+
+    Per file: ``x`` its inputs ``(K, C, h, w)`` float32 (K faces, or 1: the whole image; 0 if bad or
+    faceless), ``box`` ``(K, 4)``, ``score`` ``(K,)`` (NaN: none) and ``error`` ('' if ok).
+    """
     torch.set_num_threads(1)
-    tensors, errors = [], []
+    c, (h, w) = loader.spec.channels, loader.spec.input_size
+    xs, boxes, scores, errors = [], [], [], []
     for file in batch["file"]:
-        x, err = load_one(loader, str(file))
-        tensors.append(x)
+        prep, err = load_one(loader, str(file), max_faces, detect)
+        faces = prep.faces if prep is not None else []
+        xs.append(prep.inputs.numpy() if prep is not None else np.zeros((0, c, h, w), np.float32))
+        boxes.append(np.asarray([f["box"] for f in faces], np.int64).reshape(-1, 4))
+        scores.append(np.asarray([np.nan if f["score"] is None else f["score"] for f in faces], np.float64))
         errors.append(err or "")
-    good = next((x for x in tensors if x is not None), None)
-    shape = tuple(good.shape) if good is not None else (loader.spec.channels, *loader.spec.input_size)
-    x = np.zeros((len(tensors), *shape), np.float32)
-    for j, t in enumerate(tensors):
-        if t is not None:
-            x[j] = t.numpy()
-    return {"path": batch["path"], "x": x, "error": np.asarray(errors, dtype=object)}
+    return {"path": batch["path"], "x": _ragged(xs), "box": _ragged(boxes), "score": _ragged(scores),
+            "error": np.asarray(errors, dtype=object)}  # fmt: skip
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array per file (their first dimensions differ) as an object column Ray Data can carry."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
 
 
 class Forward:
@@ -94,16 +117,20 @@ class Forward:
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        good = np.flatnonzero(batch["error"] == "")
-        outputs: list[torch.Tensor | None] = [None] * len(batch["path"])
-        if len(good):
-            for j, row in zip(good, self.predictor.predict_tensors(torch.from_numpy(batch["x"][good])), strict=True):
-                outputs[j] = row
-        rows = [
-            r
-            for j, path in enumerate(batch["path"])
-            for r in build_rows(self.predictor, str(path), outputs[j], batch["error"][j] or None, self.top_k)
-        ]
+        xs = [np.asarray(x, np.float32) for x in batch["x"]]  # per file: (K, C, h, w)
+        good = [x for x, err in zip(xs, batch["error"], strict=True) if err == "" and len(x)]
+        out = self.predictor.predict_tensors(torch.from_numpy(np.concatenate(good))) if good else None
+        rows, at = [], 0
+        for j, path in enumerate(batch["path"]):
+            err = batch["error"][j] or None
+            n = len(xs[j]) if err is None else 0
+            outputs = None if err is not None else out[at : at + n] if n else torch.zeros(0)
+            faces = [
+                {"box": [int(v) for v in box], "score": None if np.isnan(score) else float(score)}
+                for box, score in zip(np.asarray(batch["box"][j]).reshape(-1, 4), batch["score"][j], strict=True)
+            ]
+            rows += build_rows(self.predictor, str(path), outputs, err, self.top_k, faces)
+            at += n
         return to_table(rows, self.predictor, self.top_k)
 
 
@@ -162,6 +189,8 @@ def pipeline(
     top_k: int,
     device: str,
     opts: RayOptions,
+    detect: bool = True,
+    max_faces: int | None = None,
 ) -> Any:
     """The lazy dataset: ``(file, path)`` rows -> decoding tasks -> the actor pool -> output rows."""
     import ray
@@ -181,7 +210,7 @@ def pipeline(
         .map_batches(
             decode_batch,
             batch_size=batch_size,
-            fn_kwargs={"loader": predictor.loader},
+            fn_kwargs={"loader": predictor.loader, "max_faces": max_faces, "detect": detect},
             num_cpus=1,
             # A memory request of their own also keeps Ray Data from fusing the decoding into the
             # actors (it fuses a task into an actor pool with the same resources): decoding stays
@@ -212,8 +241,10 @@ def run_ray(
     opts: RayOptions,
     progress: bool | None = None,
     keep_table: bool = False,
-) -> tuple[pd.DataFrame | None, int, int]:
-    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, error rows).
+    detect: bool = True,
+    max_faces: int | None = None,
+) -> tuple[pd.DataFrame | None, int, int, int]:
+    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless).
 
     The table is kept on the driver only when a single-file output or ``keep_table`` needs it;
     dataset folders receive the blocks as they arrive.
@@ -228,7 +259,7 @@ def run_ray(
     try:
         for folder in folders:
             folder.mkdir()
-        frames, pending, parts, rows, bad = [], [], 0, 0, 0
+        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
         bar = progress_bar(len(paths), progress)
 
         def flush() -> None:
@@ -241,10 +272,11 @@ def run_ray(
             pending = []
 
         try:
-            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts)
+            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces)
             for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
                 block = block.astype(to_table([], predictor, top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
-                rows, bad = rows + len(block), bad + int(block["error"].notna().sum())
+                counts = error_counts(block)
+                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
                 if keep:
                     frames.append(block)
                 pending.append(block)
@@ -265,7 +297,7 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
-    return table, rows, bad
+    return table, rows, bad, faceless
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

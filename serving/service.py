@@ -2,14 +2,15 @@
 
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
     curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
-    curl -F image=@face.jpg localhost:3000/estimate_age
+    curl -F image=@photo.jpg -F max_faces=5 localhost:3000/estimate_age   # every face: box, score, age
     curl localhost:3000/models          # the models this worker loaded
     curl localhost:3000/stats           # this worker's batches, requests in flight, refusals
     open http://localhost:3000/         # a page to try every served model in a browser (serving/page.py)
 
 The service is thin: every model is a ``serving.predictor.Predictor`` (the batch script uses the
 same class). An upload's header is read on the event loop; small images (by pixel count, from
-the header) are decoded there too, large ones in a thread pool. Inputs are queued per model; a
+the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
+face model (detect, align: ``models.faces``). Inputs are queued per model; a
 batcher runs the forward pass in its own thread on whatever has queued up, so concurrent
 requests share one batched forward. Settings: ``serving/settings.py``; HTTP guards (body limit,
 admission control, strict multipart): ``serving/guards.py``. Bad input gets a 4xx JSON
@@ -45,6 +46,7 @@ from serving.settings import Settings
 SETTINGS = Settings.from_env()  # SettingsError: one line from `bentoml serve`, exit status 1
 SETTINGS.check_models()
 ADMISSION: dict[str, AdmissionMiddleware] = {}  # the admission middleware of this worker, once built
+MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_FACES)
 
 
 class ThreadsByLoad:
@@ -253,17 +255,34 @@ class Svertka:
 
     @strict_multipart
     @bentoml.api(route="/estimate_age")
-    async def estimate_age(self, image: Path, model: str | None = None) -> dict[str, Any]:
-        """Estimate the age of the face in one image: ``{"age", "model"}`` (clamped to the model's range)."""
+    async def estimate_age(
+        self, image: Path, model: str | None = None, max_faces: int | None = None, detect: bool = True
+    ) -> dict[str, Any]:
+        """Ages of the faces in a photo: ``{"faces": [{"box", "score", "age"}, ...], "model"}``, largest first.
+
+        ``detect=false``: the image already is an aligned face chip (one face, the whole image, score null).
+        """
         picked = self._pick(model, "regression")
         if isinstance(picked, JSONResponse):
             return picked
         tag, pred = picked
-        result = await self._predict(tag, pred, image, 1)
-        if not isinstance(result, dict):
-            return result
-        result["age"] = result[pred.target_name]
-        return JSONResponse(result)
+        if max_faces is not None and not 1 <= max_faces <= MAX_FACES:
+            return error(400, f"max_faces must be between 1 and {MAX_FACES}, got {max_faces}")
+        args = (max_faces or MAX_FACES, detect)
+        try:
+            img = pred.loader.open(image.read_bytes())  # header only: size checked, nothing decoded
+            if not (pred.uses_faces and detect) and img.width * img.height <= SETTINGS.inline_pixels:
+                prep = pred.prepare(img, *args)  # small, no detection: a thread hop costs more
+            else:  # decode + detect + align + preprocess in a thread, off the event loop
+                prep = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.prepare, img, *args)
+        except ImageError as e:
+            return error(400, str(e))
+        outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
+        faces = [
+            {"box": r["box"], "score": r["score"], "age": r[pred.target_name]}
+            for r in pred.face_results(prep, torch.stack(outs) if outs else torch.zeros(0))
+        ]
+        return JSONResponse({"faces": faces, "model": tag})
 
     @strict_multipart
     @bentoml.api(route="/models")

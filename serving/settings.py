@@ -118,18 +118,26 @@ class Settings:
         )
 
     def check_models(self) -> None:
-        """``SettingsError`` naming the first configured model that is not a bundle in the store."""
+        """``SettingsError`` naming the first configured model that is not a bundle in the store, or whose
+        face stage (a bundle with a ``faces`` entry: dlib and the landmark model) is missing."""
         from models.bundle import BundleError, read_meta
+        from models.faces import FaceStageError, check_available
         from models.store import bundle_dir_for_tag
 
         for tag in self.models:
             try:
-                read_meta(bundle_dir_for_tag(tag))  # a bundle.json that would load anything from outside: refused
+                folder = bundle_dir_for_tag(tag)
+                meta = read_meta(folder)  # a bundle.json that would load anything from outside: refused
             except BundleError as e:
                 raise SettingsError(
                     f"SVERTKA_MODELS names {tag!r}: {e}. Save a bundle there with "
                     "`python -m training.export --ckpt CKPT --out DIR --bentoml NAME` or set SVERTKA_MODELS."
                 ) from None
+            try:
+                if meta.faces:  # a model of aligned face chips: the face stage (dlib, landmark model) must be here
+                    check_available(folder)
+            except FaceStageError as e:
+                raise SettingsError(f"SVERTKA_MODELS names {tag!r}, whose model needs face detection: {e}") from None
 
 
 def _cuda_available() -> bool:

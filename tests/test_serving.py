@@ -217,8 +217,29 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with bentoml_home(home):
         clf_tag = save_bundle_to_bentoml(bundles["clf"], "test_clf", labels={"stage": "test"})
         age_tag = save_bundle_to_bentoml(bundles["age"], "test_age")
+        bundles["face"] = with_faces(bundles["age"], root / "bundles" / "face")
+        face_tag = save_bundle_to_bentoml(bundles["face"], "test_face_age")
         assert bundle_dir_for_tag("test_clf:latest") == bundle_dir_for_tag(clf_tag)
-    return {"home": home, "bundles": bundles, "clf_tag": clf_tag, "age_tag": age_tag, "root": root}
+    return {
+        "home": home,
+        "bundles": bundles,
+        "clf_tag": clf_tag,
+        "age_tag": age_tag,
+        "face_tag": face_tag,
+        "root": root,
+    }
+
+
+def with_faces(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` whose bundle.json says its model expects UTKFace-framed face chips."""
+    import shutil
+
+    shutil.copytree(bundle, out)
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["faces"] = {"aligned": True, "landmarks": "dlib_5_point", "size": 200, "padding": 0.25}
+    (out / "bundle.json").write_text(json.dumps(meta))
+    assert read_meta(out).faces["size"] == 200
+    return out
 
 
 @contextmanager
@@ -258,7 +279,8 @@ def start_server(home: Path, models: str, log_path: Path, **env: str) -> Iterato
 @pytest.fixture(scope="module")
 def server(store: dict) -> Iterator[str]:
     """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
-    with start_server(store["home"], "test_clf,test_age:latest", store["root"] / "serve.log") as url:
+    models = "test_clf,test_age:latest,test_face_age"
+    with start_server(store["home"], models, store["root"] / "serve.log") as url:
         yield url
 
 
@@ -322,9 +344,49 @@ def test_estimate_age(server: str, store: dict) -> None:
         r = estimate_age(server, data, name)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"age", "model"} and body["model"] == store["age_tag"]
-        assert 0.0 <= body["age"] <= 116.0
-        assert body["age"] == pytest.approx(float(reference(store["bundles"]["age"], data)[0]), abs=1e-4)
+        assert set(body) == {"faces", "model"} and body["model"] == store["age_tag"]
+        w, h = Image.open(io.BytesIO(data)).size
+        (face,) = body["faces"]  # a bundle without a faces entry: the whole image is the one "face"
+        assert face["box"] == [0, 0, w, h] and face["score"] is None
+        assert 0.0 <= face["age"] <= 116.0
+        assert face["age"] == pytest.approx(float(reference(store["bundles"]["age"], data)[0]), abs=1e-4)
+
+
+def test_estimate_age_faces_in_a_photo(server: str, store: dict) -> None:
+    """A face bundle: the astronaut's one face, its box on the face, the age of its aligned chip;
+    detect=false takes the upload as the chip; no face is an empty list; max_faces is checked."""
+    from skimage import data as skdata
+
+    from models.faces import FaceAligner
+
+    photo = skdata.astronaut()
+    png = encode(Image.fromarray(photo))
+    r = estimate_age(server, png, model="test_face_age")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == store["face_tag"] and len(body["faces"]) == 1
+    face = body["faces"][0]
+    x0, y0, x1, y1 = face["box"]
+    assert 170 <= (x0 + x1) / 2 <= 275 and 75 <= (y0 + y1) / 2 <= 180 and face["score"] > 0.5
+    chip = FaceAligner()(photo)[0].chip
+    assert face["age"] == pytest.approx(
+        float(reference(store["bundles"]["face"], encode(Image.fromarray(chip)))[0]), abs=1e-4
+    )
+    r = estimate_age(server, png, model="test_face_age", detect="false")
+    (whole,) = r.json()["faces"]
+    assert whole["box"] == [0, 0, 512, 512] and whole["score"] is None
+    assert whole["age"] == pytest.approx(float(reference(store["bundles"]["face"], png)[0]), abs=1e-4)
+    two = encode(Image.fromarray(np.concatenate([photo, photo[:, ::-1]], axis=1)))
+    faces = estimate_age(server, two, model="test_face_age").json()["faces"]
+    assert len(faces) == 2
+    assert len(estimate_age(server, two, model="test_face_age", max_faces="1").json()["faces"]) == 1
+    r = estimate_age(server, encode(Image.new("RGB", (640, 480), (120, 120, 120))), model="test_face_age")
+    assert r.status_code == 200 and r.json()["faces"] == []
+    for bad in ("0", "1000", "x"):
+        r = estimate_age(server, png, model="test_face_age", max_faces=bad)
+        assert r.status_code == 400 and "max_faces" in r.text, r.text
+    r = estimate_age(server, b"not an image", model="test_face_age")
+    assert r.status_code == 400 and "error" in r.json()
 
 
 def test_models_endpoint(server: str, store: dict) -> None:
@@ -335,7 +397,7 @@ def test_models_endpoint(server: str, store: dict) -> None:
     for r in (httpx.get(f"{server}/models"), httpx.post(f"{server}/models")):
         assert r.status_code == 200, r.text
         models = {m["tag"]: m for m in r.json()["models"]}
-        assert list(models) == [store["clf_tag"], store["age_tag"]]
+        assert list(models) == [store["clf_tag"], store["age_tag"], store["face_tag"]]
         clf, age = models[store["clf_tag"]], models[store["age_tag"]]
         assert clf["task"] == "classification" and clf["class_names"] == CLASSES
         assert clf["input"]["height"] == 28 and clf["input"]["channels"] == 1
@@ -373,7 +435,7 @@ def test_models_endpoint_shows_the_loaded_version(server: str, store: dict) -> N
         finally:
             bentoml.models.delete(newer)  # test_clf:latest is the served version again
     assert httpx.get(f"{server}/models").json() == before
-    assert [m["tag"] for m in before["models"]] == [store["clf_tag"], store["age_tag"]]
+    assert [m["tag"] for m in before["models"]] == [store["clf_tag"], store["age_tag"], store["face_tag"]]
 
 
 def test_burst_beyond_admission_limit_gets_503_then_serves(server: str, store: dict) -> None:
@@ -656,7 +718,7 @@ def test_parity_http_batch_bundle(server: str, store: dict, tmp_path: Path) -> N
                 np.testing.assert_allclose([from_batch[c] for c in CLASSES], ref, atol=1e-5)
                 np.testing.assert_allclose(http, ref, atol=1e-5)
             else:
-                http = estimate_age(server, data, name).json()["age"]
+                http = estimate_age(server, data, name).json()["faces"][0]["age"]
                 assert row.age == pytest.approx(float(ref[0]), abs=1e-5)
                 assert http == pytest.approx(float(ref[0]), abs=1e-5)
 
@@ -678,6 +740,21 @@ def test_missing_model_stops_start_with_clear_message(store: dict) -> None:
     assert r.returncode != 0
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and "no_such_model:v1" in lines[0] and "SVERTKA_MODELS" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_face_model_without_landmarks_stops_start_with_clear_message(store: dict, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=serve_env(store["home"], "test_face_age", SVERTKA_LANDMARKS=str(tmp_path / "missing.dat")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "test_face_age" in lines[0] and "landmark model is missing" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
 
 

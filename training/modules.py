@@ -213,7 +213,9 @@ class ImageTask(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("svertka") or {}
-        info = {k: meta[k] for k in ("task", "class_names", "target", "preprocess", "augmentation") if k in meta}
+        info = {
+            k: meta[k] for k in ("task", "class_names", "target", "preprocess", "faces", "augmentation") if k in meta
+        }
         if info and self.bundle_info is None:
             self.bundle_info = info
         if meta.get("config") and not self.run_config:

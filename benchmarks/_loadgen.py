@@ -1,14 +1,17 @@
 """Closed-loop HTTP load generator: N clients, each one request in flight, for T seconds; JSON summary out.
 
     python benchmarks/_loadgen.py --port 3000 --path /classify --files images.txt --clients 32 --seconds 10
+    python benchmarks/_loadgen.py ... --client httpx          # one plain httpx.AsyncClient, N keep-alive connections
 
-Kept cheap so the server gets most of the CPU: one process, one asyncio loop, raw keep-alive
-HTTP/1.1 connections (one per client) and request bytes built once before the clock starts
-(each file becomes a ``multipart/form-data`` upload in the field ``--field``). A request counts
-from writing its first byte to reading its last; requests that start during the warm-up are not
-recorded. Errors are non-2xx answers, broken connections and requests over ``--timeout``.
-Prints one JSON object: requests, errors, requests/s, latency percentiles (ms), the load
-generator's own CPU use, and a few error samples.
+``--client raw`` (default) is kept cheap so the server gets most of the CPU: one process, one
+asyncio loop, raw keep-alive HTTP/1.1 connections (one per client) and request bytes built once
+before the clock starts (each file becomes a ``multipart/form-data`` upload in the field
+``--field``). ``--client httpx`` is what a user would write: one ``httpx.AsyncClient`` with a
+pool of N keep-alive connections shared by N tasks. A request counts from writing its first
+byte to reading its last; requests that start during the warm-up are not recorded. Errors are
+non-2xx answers, broken connections and requests over ``--timeout``. Prints one JSON object:
+requests, errors, requests/s, latency percentiles (ms), status-code counts, 503s without
+``Retry-After``, the load generator's own CPU use, and a few error samples.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +52,8 @@ def build_request(host: str, path: str, field: str, name: str, data: bytes, extr
     return head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """-> (status, body, keep-alive) of one HTTP/1.1 response (Content-Length or chunked)."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, dict[str, str]]:
+    """-> (status, body, lower-cased headers) of one HTTP/1.1 response (Content-Length or chunked)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -70,8 +74,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
         body = b"".join(c[:-2] for c in chunks)
     else:  # read to close
         body = await reader.read()
-        return status, body, False
-    return status, body, headers.get("connection") != "close"
+        headers["connection"] = "close"
+    return status, body, headers
 
 
 async def client(
@@ -89,12 +93,11 @@ async def client(
             if conn is None:
                 conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
             conn[1].write(req)
-            status, body, keep = await asyncio.wait_for(read_response(conn[0]), timeout)
-            if not keep:
+            status, body, headers = await asyncio.wait_for(read_response(conn[0]), timeout)
+            if headers.get("connection") == "close":
                 conn[1].close()
                 conn = None
-            if not 200 <= status < 300:
-                error = f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+            error = note_status(out, status, headers, body, t0 >= t_record)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, asyncio.TimeoutError) as e:
             error = f"{type(e).__name__}: {e}"[:200]
             if conn is not None:
@@ -114,15 +117,63 @@ async def client(
         conn[1].close()
 
 
-async def run(args: argparse.Namespace, requests: list[bytes]) -> dict:
+def note_status(out: dict, status: int, headers: Any, body: bytes, recorded: bool) -> str | None:
+    """Count the status code (and a 503 without Retry-After); the error text for a non-2xx answer."""
+    if recorded:
+        out["status"][status] += 1
+        if status == 503 and "retry-after" not in headers:
+            out["no_retry_after"] += 1
+    if 200 <= status < 300:
+        return None
+    return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+
+
+async def httpx_client(
+    i: int, http: Any, url: str, files: list[tuple[str, bytes]], t_record: float, t_end: float, out: dict
+) -> None:
+    """One task on a shared ``httpx.AsyncClient``: post, wait, repeat until ``t_end``."""
+    import httpx
+
+    k = i * 7919
+    while time.perf_counter() < t_end:
+        name, data = files[k % len(files)]
+        k += 1
+        t0 = time.perf_counter()
+        try:
+            r = await http.post(url, files={"image": (name, data)})
+            error = note_status(out, r.status_code, r.headers, r.content, t0 >= t_record)
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+            await asyncio.sleep(0.05)
+        t1 = time.perf_counter()
+        out["all"] += 1
+        if t0 >= t_record:
+            out["latency"].append(t1 - t0)
+            out["end"] = max(out["end"], t1)
+            if error:
+                out["errors"][error.split(":")[0]] += 1
+                out["samples"].setdefault(error.split(":")[0], error)
+
+
+async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple[str, bytes]]) -> dict:
     now = time.perf_counter()
     t_record = now + args.warmup
     t_end = t_record + args.seconds
     out: dict = {"latency": [], "errors": Counter(), "samples": {}, "end": t_record, "all": 0}
+    out.update(status=Counter(), no_retry_after=0)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    await asyncio.gather(
-        *(client(i, args.host, args.port, requests, t_record, t_end, args.timeout, out) for i in range(args.clients))
-    )
+    if args.client == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+        async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as http:
+            url = f"http://{args.host}:{args.port}{args.path}"
+            tasks = [httpx_client(i, http, url, files, t_record, t_end, out) for i in range(args.clients)]
+            await asyncio.gather(*tasks)
+    else:
+        a = args
+        tasks = [client(i, a.host, a.port, requests, t_record, t_end, a.timeout, out) for i in range(a.clients)]
+        await asyncio.gather(*tasks)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = np.asarray(out["latency"]) * 1000
@@ -142,6 +193,9 @@ async def run(args: argparse.Namespace, requests: list[bytes]) -> dict:
         "max_ms": float(lat.max()) if n else float("nan"),
         "requests_with_warmup": out["all"],
         "loadgen_cpu_fraction": cpu / (time.perf_counter() - now),  # of one core
+        "status_counts": {str(k): v for k, v in sorted(out["status"].items())},
+        "no_retry_after_503s": out["no_retry_after"],
+        "client": args.client,
         "error_kinds": dict(out["errors"]),
         "error_samples": list(out["samples"].values())[:5],
     }
@@ -159,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before recording starts")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw", help="raw sockets or one httpx.AsyncClient")
     return p.parse_args(argv)
 
 
@@ -170,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     extra = dict(kv.split("=", 1) for kv in args.form)
     host = f"{args.host}:{args.port}"
-    requests = [build_request(host, args.path, args.field, p.name, p.read_bytes(), extra) for p in paths]
-    print(json.dumps(asyncio.run(run(args, requests))))
+    files = [(p.name, p.read_bytes()) for p in paths]
+    requests = [build_request(host, args.path, args.field, name, data, extra) for name, data in files]
+    print(json.dumps(asyncio.run(run(args, requests, files))))
     return 0
 
 

@@ -11,7 +11,14 @@ import json
 import os
 import time
 
+import torch
 from lightning.pytorch import Callback
+
+
+def _sync(pl_module) -> None:
+    """Wait for queued GPU work, so a timestamp covers it (CPU: nothing to wait for)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 class EpochTimer(Callback):
@@ -25,10 +32,13 @@ class EpochTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 == 0.0:
+            _sync(pl_module)
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._n += len(batch[0])
+        if batch_idx + 1 >= trainer.num_training_batches:  # the epoch's last batch: include its GPU work
+            _sync(pl_module)
         self._t1 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

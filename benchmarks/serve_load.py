@@ -1,7 +1,12 @@
 """HTTP serving under load: our BentoML service against a plain one-worker uvicorn app, same images, one run.
 
-    python benchmarks/serve_load.py                                   # simple_cnn + resnet18, 1 and 32 clients, 10 s
-    python benchmarks/serve_load.py --quick                           # smoke test: a few seconds per run
+The must-show numbers of issue #9 (on a quiet 2-core machine; each prints its checks at the end):
+
+    python benchmarks/serve_load.py             # simple_cnn + resnet18, 1 and 32 clients, 10 s each,
+                                                # raw-socket and httpx clients, baseline beside ours
+    python benchmarks/serve_load.py --soak 5    # 64 clients x 5 min on simple_cnn: status codes,
+                                                # worker RSS over time, Retry-After on every 503
+    python benchmarks/serve_load.py --quick     # smoke test: a few seconds per run
     python benchmarks/serve_load.py --models simple_cnn --clients 1,8,32 --seconds 20 --json out.json
 
 For each model it measures (a) the model in this process (decode + preprocess + forward, one
@@ -10,10 +15,13 @@ under ``uvicorn --workers 1`` doing the same decode and forward inline per reque
 (``benchmarks/_serve_baseline.py``), and (c) our service (``bentoml serve`` at the repo root,
 settings from the ``SVERTKA_*`` environment as a user would set them). The load comes from
 ``benchmarks/_loadgen.py`` (a separate, cheap process: N closed-loop keep-alive clients for T
-seconds after a warm-up). Models: ``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound)
-and ``resnet18`` on UTKFace 200x200 JPEGs resized to 224 (compute-bound), both with random
-weights (throughput does not depend on them). Images come from ``--data-root`` or
-``$DATASETS_DIR``; without either, synthetic images (said in the output).
+seconds after a warm-up), once with its raw-socket clients and once with one plain
+``httpx.AsyncClient`` holding N keep-alive connections (``--loadgen``). After each run against
+our service it reads ``GET /stats`` of every worker: the mean forward batch size. Models:
+``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound) and ``resnet18`` on UTKFace 200x200
+JPEGs resized to 224 (compute-bound), both with random weights (throughput does not depend on
+them). Images come from ``--data-root`` or ``$DATASETS_DIR``; without either, synthetic images
+(said in the output).
 """
 
 from __future__ import annotations
@@ -50,7 +58,13 @@ from rich.table import Table
 from data.preprocess import eval_transform, load_image, preprocess
 from models.bundle import load_bundle
 
-TARGETS = {"simple_cnn": 1.0, "resnet18": 1.2}  # our requests/s over the baseline's, at 32 clients
+TARGETS = {"simple_cnn": 1.2, "resnet18": 1.3}  # our requests/s over the baseline's, at 32 clients (issue #9)
+LABELS = {
+    "baseline": "(b) baseline (uvicorn, 1 worker)",
+    "service": "(c) our service (bentoml serve)",
+    "bento_batching": "(d) BentoML adaptive batching (batchable API)",
+}
+P50_TARGET = 1.25  # one client: our median latency at most this times the baseline's
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
@@ -92,14 +106,40 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
     return {"single_images_per_s": single, "single_ms": 1000 / single, "batched_images_per_s": batched}
 
 
-def run_load(port: int, files_txt: Path, clients: int, seconds: float, warmup: float) -> dict:
+def run_load(port: int, files_txt: Path, clients: int, seconds: float, warmup: float, client: str = "raw") -> dict:
     """One load-generator run against ``127.0.0.1:port`` (a separate process)."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "_loadgen.py"), "--port", str(port), "--path", "/classify"]
     cmd += ["--files", str(files_txt), "--clients", str(clients), "--seconds", str(seconds), "--warmup", str(warmup)]
+    cmd += ["--client", client]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 180)
     if r.returncode != 0:
         raise BenchError(f"load generator failed ({r.returncode}): {r.stderr.strip()[-1000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def worker_stats(port: int, tries: int = 12) -> dict[int, dict]:
+    """``GET /stats`` on fresh connections until every worker answered (or ``tries``): pid -> its counters."""
+    import httpx
+
+    seen: dict[int, dict] = {}
+    for _ in range(tries):
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10, headers={"Connection": "close"})
+            if r.status_code == 200:
+                seen[r.json()["pid"]] = r.json()
+        except httpx.HTTPError:
+            pass
+    return seen
+
+
+def mean_batch(before: dict[int, dict], after: dict[int, dict]) -> float | None:
+    """Mean forward batch size between two ``worker_stats`` snapshots (workers seen both times)."""
+    batches = items = 0
+    for pid, a in after.items():
+        b = before.get(pid, {"batches": 0, "batched_requests": 0})
+        batches += a["batches"] - b["batches"]
+        items += a["batched_requests"] - b["batched_requests"]
+    return items / batches if batches else None
 
 
 def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Path | None) -> dict:
@@ -129,72 +169,168 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
             {**env, "SVERTKA_MODELS": tag},
             "/readyz",
         ),
+        "bento_batching": (
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "benchmarks._serve_bentoml_batching:BentoBatching"]
+            + ["--host", "127.0.0.1", "--port"],
+            {**env, "SVERTKA_BENCH_BUNDLE": str(bundle)},
+            "/readyz",
+        ),
     }
+    servers = {k: v for k, v in servers.items() if k in args.variants}
     for name, (cmd, server_env, ready) in servers.items():
         port = free_port()
-        label = "(b) baseline (uvicorn, 1 worker)" if name == "baseline" else "(c) our service (bentoml serve)"
+        label = LABELS[name]
         console.print(f"  {label} on port {port} ...")
         log = scratch / f"{m.key}_{name}.log"
         with server([*cmd, str(port)], server_env, port, ready, log) as proc:
             result[name] = {}
-            for clients in args.clients:
-                cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
-                r = run_load(port, files_txt, clients, args.seconds, args.warmup)
-                cpu = tree_cpu_seconds(proc.pid) - cpu0
-                r["server_cpu_cores"] = cpu / (time.perf_counter() - t0)
-                r["server_cpu_ms_per_request"] = 1000 * cpu / max(r["requests_with_warmup"], 1)
-                result[name][clients] = r
-                console.print(
-                    f"    {clients:>3} clients: {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-                    f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  server CPU "
-                    f"{r['server_cpu_ms_per_request']:.1f} ms/request ({r['server_cpu_cores']:.2f} cores), "
-                    f"load generator {r['loadgen_cpu_fraction']:.2f} cores"
-                )
-                for sample in r["error_samples"][:2]:
-                    console.print(f"      [red]error[/]: {sample}", markup=False)
+            for loadgen in args.loadgen:
+                for clients in args.clients:
+                    stats0 = worker_stats(port) if name == "service" else {}
+                    cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
+                    r = run_load(port, files_txt, clients, args.seconds, args.warmup, loadgen)
+                    cpu = tree_cpu_seconds(proc.pid) - cpu0
+                    r["server_cpu_cores"] = cpu / (time.perf_counter() - t0)
+                    r["server_cpu_ms_per_request"] = 1000 * cpu / max(r["requests_with_warmup"], 1)
+                    r["mean_batch_size"] = mean_batch(stats0, worker_stats(port)) if name == "service" else None
+                    result[name][f"{loadgen}:{clients}"] = r
+                    batch = f", mean batch {r['mean_batch_size']:.1f}" if r["mean_batch_size"] else ""
+                    console.print(
+                        f"    {loadgen:>5} {clients:>3} clients: {r['requests_per_s']:8.1f} req/s  p50 "
+                        f"{r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  server CPU "
+                        f"{r['server_cpu_ms_per_request']:.1f} ms/request ({r['server_cpu_cores']:.2f} cores), "
+                        f"load generator {r['loadgen_cpu_fraction']:.2f} cores{batch}"
+                    )
+                    for sample in r["error_samples"][:2]:
+                        console.print(f"      [red]error[/]: {sample}", markup=False)
     return result
 
 
-def report(results: dict, clients: list[int]) -> list[tuple[str, bool]]:
+def report(results: dict, clients: list[int], loadgens: list[str]) -> list[tuple[str, bool]]:
     """Print the table and the ratios; return ``(target, met)`` pairs."""
     table = Table(
         title="Serving under load (requests/s; latency in ms; server CPU ms per request)",
         caption="(a): images/s of decode + preprocess + forward in this process, the upper bound; "
         "CPU/req: CPU time of the server's process tree per request; of (a): req/s over the better (a); "
-        "random weights",
+        "batch: mean forward batch size the service reports; random weights",
     )
-    cols = ("model", "run", "clients", "req/s", "p50", "p95", "p99", "errors", "CPU/req", "of (a)", "ours/base")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("model", "run") else "right")
+    cols = ("model", "run", "client", "clients", "req/s", "p50", "p95", "p99", "errors", "CPU/req", "of (a)", "batch")
+    for col in (*cols, "ours/base"):
+        table.add_column(col, justify="left" if col in ("model", "run", "client") else "right")
     for key, r in results.items():
         ip = r["in_process"]
         bound = max(ip["single_images_per_s"], ip["batched_images_per_s"])
-        table.add_row(key, "(a) in process, 1 by 1", "-", f"{ip['single_images_per_s']:.1f}", f"{ip['single_ms']:.1f}")
-        table.add_row(key, "(a) in process, batch 32", "-", f"{ip['batched_images_per_s']:.1f}")
-        for c in clients:
-            b, s = r["baseline"][c], r["service"][c]
-            ratio = s["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("inf")
-            for name, x in (("(b) baseline", b), ("(c) our service", s)):
-                cells = [f"{x[k]:.1f}" for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms")]
-                cpu, of_a = x["server_cpu_ms_per_request"], x["requests_per_s"] / bound
-                cells += [str(x["errors"]), f"{cpu:.1f}", f"{of_a:.2f}"]
-                table.add_row(key, name, str(c), *cells, f"{ratio:.2f}x" if name[1] == "c" else "")
+        table.add_row(
+            key, "(a) in process, 1 by 1", "-", "-", f"{ip['single_images_per_s']:.1f}", f"{ip['single_ms']:.1f}"
+        )
+        table.add_row(key, "(a) in process, batch 32", "-", "-", f"{ip['batched_images_per_s']:.1f}")
+        for lg in loadgens:
+            for c in clients:
+                b = r["baseline"][f"{lg}:{c}"]
+                for variant in [v for v in LABELS if v in r]:
+                    x = r[variant][f"{lg}:{c}"]
+                    name = LABELS[variant].split(" (")[0] if variant != "bento_batching" else "(d) BentoML batching"
+                    ratio = x["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("inf")
+                    cells = [f"{x[k]:.1f}" for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms")]
+                    cpu, of_a = x["server_cpu_ms_per_request"], x["requests_per_s"] / bound
+                    mb = f"{x['mean_batch_size']:.1f}" if x.get("mean_batch_size") else ""
+                    cells += [str(x["errors"]), f"{cpu:.1f}", f"{of_a:.2f}", mb]
+                    table.add_row(key, name, lg, str(c), *cells, f"{ratio:.2f}x" if variant != "baseline" else "")
         table.add_section()
     console.print(table)
 
     checks: list[tuple[str, bool]] = []
     top = 32 if 32 in clients else max(clients)
     for key, r in results.items():
-        if key == "simple_cnn" and 1 in clients:
-            p50 = r["service"][1]["p50_ms"]
-            checks.append((f"simple_cnn, 1 client: median {p50:.1f} ms <= 15 ms", p50 <= 15))
-        s, b = r["service"][top], r["baseline"][top]
-        checks.append((f"{key}, {top} clients: {s['errors']} errors (want 0)", s["errors"] == 0))
-        ratio_p = s["p99_ms"] / s["p50_ms"] if s["p50_ms"] else float("inf")
-        checks.append((f"{key}, {top} clients: p99 / p50 = {ratio_p:.2f} (want <= 3)", ratio_p <= 3))
+        ours, base = r["service"], r["baseline"]
+        if 1 in clients:
+            p50, b50 = ours["raw:1"]["p50_ms"], base["raw:1"]["p50_ms"]
+            want = f"<= {P50_TARGET}x the baseline's {b50:.1f} ms"
+            checks.append((f"{key}, 1 client: our p50 {p50:.1f} ms {want}", p50 <= P50_TARGET * b50))
+        s, b = ours[f"raw:{top}"], base[f"raw:{top}"]
         ratio = s["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("inf")
         want = TARGETS.get(key, 1.0)
         checks.append((f"{key}, {top} clients: ours / baseline req/s = {ratio:.2f}x (want >= {want}x)", ratio >= want))
+        for lg in loadgens:
+            s = ours[f"{lg}:{top}"]
+            checks.append((f"{key}, {lg}, {top} clients: {s['errors']} errors (want 0)", s["errors"] == 0))
+            ratio_p = s["p99_ms"] / s["p50_ms"] if s["p50_ms"] else float("inf")
+            checks.append((f"{key}, {lg}, {top} clients: p99 / p50 = {ratio_p:.2f} (want <= 3)", ratio_p <= 3))
+        mb = ours[f"raw:{top}"].get("mean_batch_size") or 0
+        checks.append((f"{key}, {top} clients: mean forward batch {mb:.2f} (want > 1)", mb > 1))
+    print_checks(console, checks)
+    return checks
+
+
+def tree_rss_mb(pid: int) -> dict[int, float]:
+    """RSS (MB) of each process under ``pid`` whose command line runs a BentoML service worker."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                out[child.pid] = child.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    return out
+
+
+def soak(args: argparse.Namespace, scratch: Path, root: Path | None) -> list[tuple[str, bool]]:
+    """64 clients (``--soak-clients``) for ``--soak`` minutes against simple_cnn: codes, RSS, Retry-After."""
+    import threading
+
+    from models.store import save_bundle_to_bentoml
+
+    m = SERVE_MODELS["simple_cnn"]
+    files, source = write_images(m, root, scratch, args.images)
+    files_txt = scratch / "soak_files.txt"
+    files_txt.write_text("\n".join(map(str, files)) + "\n")
+    tag = save_bundle_to_bentoml(build_bundle(m, scratch / "bundles"), "bench_soak")
+    seconds = args.soak * 60
+    console.print(f"soak: {args.soak_clients} clients x {seconds:.0f} s on {tag} ({source} images)")
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", "SVERTKA_MODELS": tag}
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "--host", "127.0.0.1", "--port"]
+    port = free_port()
+    samples: list[tuple[float, dict[int, float]]] = []
+    with server([*cmd, str(port)], env, port, "/readyz", scratch / "soak.log") as proc:
+        done = threading.Event()
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not done.wait(5.0 if samples else 0.0):
+                samples.append((time.monotonic() - t0, tree_rss_mb(proc.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            r = run_load(port, files_txt, args.soak_clients, seconds, 0.0, "raw")
+        finally:
+            done.set()
+            sampler.join()
+    console.print(
+        f"  status codes: {r['status_counts']}; {r['requests_per_s']:.1f} req/s (200s); "
+        f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; 503s without Retry-After: "
+        f"{r['no_retry_after_503s']}; broken connections/timeouts: "
+        f"{ {k: v for k, v in r['error_kinds'].items() if not k.startswith('HTTP')} }"
+    )
+    for t, rss in samples[:: max(1, len(samples) // 12)] + samples[-1:]:
+        console.print(f"  t={t:6.0f} s  worker RSS MB: " + ", ".join(f"{v:.0f}" for v in rss.values()))
+    growth = []
+    base = next((rss for t, rss in samples if t >= 60), samples[0][1] if samples else {})
+    for pid, mb0 in base.items():
+        later = [rss[pid] for t, rss in samples if t >= 60 and pid in rss]
+        if later:
+            growth.append(max(later) / mb0 - 1)
+    worst = max(growth) if growth else float("nan")
+    codes = set(r["status_counts"]) - {"200", "503"}
+    other = {k: v for k, v in r["error_kinds"].items() if not k.startswith("HTTP")}
+    checks = [
+        (f"soak: only 200 and 503 answers (other codes: {sorted(codes) or 'none'}; broken: {other or 'none'})",
+         not codes and not other),
+        (f"soak: worker RSS growth after the first minute {100 * worst:.1f}% (want <= 10%)", worst <= 0.10),
+        (f"soak: 503s without Retry-After: {r['no_retry_after_503s']} (want 0)", r["no_retry_after_503s"] == 0),
+    ]  # fmt: skip
     print_checks(console, checks)
     return checks
 
@@ -207,6 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="unrecorded load first (default 2; --quick 0.5)")
     p.add_argument("--images", type=int, default=None, help="distinct request images (default 500; --quick 64)")
     p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")
+    p.add_argument("--loadgen", default="raw,httpx", help="comma-separated clients: raw (sockets), httpx (AsyncClient)")
+    p.add_argument("--variants", default="baseline,service", help=f"servers to run: {', '.join(LABELS)}")
+    p.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="only the soak run, this long")
+    p.add_argument("--soak-clients", type=int, default=64, help="clients of the soak run")
     p.add_argument("--quick", action="store_true", help="a smoke run: short runs, few images")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     args = p.parse_args(argv)
@@ -221,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         keys = parse_list(args.models, list(SERVE_MODELS), "--models")
+        args.loadgen = parse_list(args.loadgen, ["raw", "httpx"], "--loadgen")
+        args.variants = parse_list(args.variants, list(LABELS), "--variants")
+        if not {"baseline", "service"} <= set(args.variants) and args.soak is None:
+            raise BenchError("--variants must include baseline and service (the ratios are ours over the baseline's)")
         try:
             args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
         except ValueError:
@@ -237,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"load: {args.clients} clients x {args.seconds:g} s after {args.warmup:g} s warm-up; "
                 f"service settings: {settings or 'defaults'}"
             )
+            if args.soak is not None:
+                write_json(args.json, args, {}, soak(args, scratch, root))
+                return 0
             results = {key: bench_model(SERVE_MODELS[key], args, scratch, root) for key in keys}
     except BenchError as e:
         console.print(f"error: {e}", markup=False)
@@ -244,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
-    write_json(args.json, args, results, report(results, args.clients))
+    write_json(args.json, args, results, report(results, args.clients, args.loadgen))
     return 0
 
 

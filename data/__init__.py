@@ -8,11 +8,14 @@ Importing ``data`` or ``data.preprocess`` never imports Lightning (serving relie
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network look-up for a newer version at import
 
 _LAZY = {
     "ImageDataModule": "data.base",
-    "Augment": "data.base",
+    "Augment": "data.augment",
     "DataError": "data.base",
     "MissingDataError": "data.base",
     "DigitsDataModule": "data.digits",

@@ -50,6 +50,8 @@ class DigitsDataModule(ImageDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__(
             root=root,
@@ -63,6 +65,8 @@ class DigitsDataModule(ImageDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=1,
             class_names=[str(i) for i in range(10)],
         )

@@ -15,8 +15,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from data.base import Augment, BadImagePolicy, DataError, ImageDataModule, MissingDataError, Split, seeded_split
+from data.base import (
+    Augment,
+    BadImagePolicy,
+    DataError,
+    ImageDataModule,
+    MissingDataError,
+    Split,
+    seeded_split,
+    warn_once,
+)
 from data.cache import decode_cached
+from models.faces import FaceFraming
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
@@ -43,9 +53,15 @@ class FileDataModule(ImageDataModule):
         *args,
         test_fraction: float = 0.1,
         on_bad_image: BadImagePolicy = "skip",
+        align_faces: bool = False,
+        faces: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.align_faces = align_faces
+        if align_faces and not faces:
+            faces = {"size": 200, "padding": 0.25}
+        self.faces = FaceFraming.from_dict(faces) if faces else None
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         if not 0.0 <= test_fraction < 1.0 or self.val_fraction + test_fraction >= 1.0:
@@ -57,10 +73,32 @@ class FileDataModule(ImageDataModule):
         """Columns ``path`` (absolute), ``target`` (class index or number), ``split`` (train/val/test or None)."""
         raise NotImplementedError
 
+    def bundle_info(self) -> dict:
+        """The base's, plus the face framing when the model is trained on aligned face chips."""
+        return {**super().bundle_info(), "faces": self.faces.to_dict() if self.faces else None}
+
+    def _aligned(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` with each photo replaced by its largest face's chip; photos without one left out."""
+        from data.faces import align_files
+
+        assert self.faces is not None
+        chips, errors = align_files(list(table["path"]), self.faces, cache_dir=self.cache_dir, data_root=self.root)
+        if errors and self.on_bad_image == "error":
+            i, why = next(iter(errors.items()))
+            raise DataError(f"{table['path'].iloc[i]}: {why} (set on_bad_image: skip to leave such photos out)")
+        if errors:
+            warn_once("align_faces: left out photos", [f"{table['path'].iloc[i]} ({why})" for i, why in errors.items()])
+        out = table.assign(path=[str(c) if c is not None else None for c in chips])
+        return out[out["path"].notna()]
+
     def load_splits(self) -> dict[str, Split]:
         table = self.file_table().reset_index(drop=True)
         if table.empty:
             raise MissingDataError(f"{type(self).__name__}: no image files found under {self.root}")
+        if self.align_faces:
+            table = self._aligned(table).reset_index(drop=True)
+            if table.empty:
+                raise DataError(f"{type(self).__name__}: align_faces found no face in any photo under {self.root}")
         images, kept = decode_cached(
             list(table["path"]),
             self.preprocess_spec,
@@ -115,6 +153,8 @@ class ImageFolderDataModule(FileDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         on_bad_image: BadImagePolicy = "skip",
     ) -> None:
         folder = Path(root) if root else None
@@ -135,6 +175,8 @@ class ImageFolderDataModule(FileDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=classes,
             test_fraction=0.0 if test_dir else test_fraction,
@@ -180,6 +222,9 @@ class CSVDataModule(FileDataModule):
 
     Paths are relative to the CSV's folder (or absolute). An optional ``split`` column holds
     train/val/test. Classification class names: ``class_names`` if given, else the sorted labels.
+    ``align_faces: true``: the files are photos; each one's largest face is aligned once into a
+    cached chip (``data.faces``; photos without a face are left out with a warning) and the bundle
+    records the framing (``face_size``, ``face_padding``), so serving detects and aligns the same way.
     YAML: ``class_path: data.folder.CSVDataModule``, ``init_args: {csv: faces.csv, target_column: age}``
     """
 
@@ -206,7 +251,12 @@ class CSVDataModule(FileDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         on_bad_image: BadImagePolicy = "skip",
+        align_faces: bool = False,
+        face_size: int = 200,
+        face_padding: float = 0.25,
     ) -> None:
         csv_path = Path(csv)
         if not csv_path.is_absolute() and not csv_path.exists() and root:
@@ -252,11 +302,15 @@ class CSVDataModule(FileDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=names if self.task == "classification" else None,
             target=target,
             test_fraction=test_fraction,
             on_bad_image=on_bad_image,
+            align_faces=align_faces,
+            faces={"size": face_size, "padding": face_padding} if align_faces else None,
         )
         base = csv_path.parent
         paths = [str(p if Path(p).is_absolute() else base / p) for p in df[path_column].astype(str)]

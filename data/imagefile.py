@@ -7,6 +7,7 @@ in ``serving.batch_ray``) import this module and start without torch.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,25 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300; anything larger is refused befor
 
 class ImageError(ValueError):
     """An input that is not a usable image (not an image, truncated, too large, ...)."""
+
+
+# Everything decoding bad bytes has been seen to raise: Pillow raises far more than OSError
+# (ValueError "Decompressed data too large" from a zTXt/iTXt chunk, SyntaxError and struct.error
+# from broken headers, EOFError, TypeError/KeyError/IndexError on odd modes and tags, MemoryError).
+# Each becomes the one ImageError (a 400 in the service, an error row in the batch script).
+# ``data.preprocess.DECODE_ERRORS`` adds OpenCV's cv2.error (not imported here: nothing here calls OpenCV).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    struct.error,
+    EOFError,
+    TypeError,
+    KeyError,
+    IndexError,
+    ZeroDivisionError,
+    MemoryError,
+)
 
 
 def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
@@ -61,13 +81,13 @@ def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
 
 
 def open_image(src: bytes | str | Path | Image.Image, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, refusing non-images, truncated files and oversized ones.
+    """Open ``src`` and read its header only: the pixels are not decoded yet (see ``decode_image``).
 
-    The pixel count is checked from the header, before the pixels are decoded, so a
-    decompression bomb costs nothing.
+    The pixel count is checked here, from the header, so a decompression bomb costs nothing;
+    ``img.width * img.height`` tells a caller how much work ``decode_image`` will be.
     """
     if isinstance(src, Image.Image):
-        img = src
+        img, name = src, "image"
     else:
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
@@ -79,33 +99,44 @@ def open_image(src: bytes | str | Path | Image.Image, max_pixels: int | None = D
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp)
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            if isinstance(e, UnidentifiedImageError):
-                raise ImageError(f"{name}: not a recognized image file") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not a recognized image file") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: image has too many pixels") from None
         except FileNotFoundError:
             raise ImageError(f"{name}: no such file") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read image ({e})") from None
+        except DECODE_ERRORS as e:  # e.g. a text chunk that inflates past Pillow's limit (ValueError)
+            raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise ImageError("image has zero width or height")
+        raise ImageError(f"{name}: image has zero width or height")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ImageError(f"{name}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    return img
+
+
+def decode_image(img: Image.Image, channels: int) -> np.ndarray:
+    """An opened image -> uint8 ``(H, W, channels)``: decode, EXIF transpose, convert; ``ImageError`` if bad."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            return pil_to_array(ImageOps.exif_transpose(img), channels)
     except Image.DecompressionBombError:
         raise ImageError("image has too many pixels") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
-        raise ImageError(f"corrupt or truncated image ({e})") from None
-    return img
+    except MemoryError:
+        raise ImageError(f"image of {img.width}x{img.height} pixels does not fit in memory") from None
+    except DECODE_ERRORS as e:  # truncated or corrupt data, a mode it cannot convert, ...
+        raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def load_image(
     src: bytes | str | Path | Image.Image, channels: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Decode ``src`` into a uint8 ``(H, W, channels)`` array; ``ImageError`` on bad input."""
-    return pil_to_array(open_image(src, max_pixels=max_pixels), channels)
+    img = open_image(src, max_pixels=max_pixels)
+    try:
+        return decode_image(img, channels)
+    finally:
+        if img is not src:
+            img.close()  # the file handle of a path, at once

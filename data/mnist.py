@@ -82,6 +82,8 @@ class MNISTDataModule(ImageDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         download: bool = False,
     ) -> None:
         super().__init__(
@@ -96,6 +98,8 @@ class MNISTDataModule(ImageDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=1,
             class_names=list(self.classes),
         )

@@ -14,18 +14,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from data.imagefile import DECODE_ERRORS as _FILE_DECODE_ERRORS
 from data.imagefile import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 from data.imagefile import ImageError as ImageError
+from data.imagefile import decode_image as decode_image
 from data.imagefile import load_image as load_image
 from data.imagefile import open_image as open_image
 from data.imagefile import pil_to_array as pil_to_array
 from data.imagefile import to_channels
 
 ResizePolicy = Literal["stretch", "center_crop"]
+
+
+# Every exception decoding bad bytes raises (``data.imagefile.DECODE_ERRORS``) and OpenCV's cv2.error:
+# each becomes the one ImageError.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (*_FILE_DECODE_ERRORS, cv2.error)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,10 @@ def index_folder(folder: Path) -> pd.DataFrame:
 class UTKFaceDataModule(FileDataModule):
     """Faces -> age (regression), RGB, ``target = {"name": "age", "min": age_min, "max": age_max}``.
 
-    ``root`` holds ``UTKFace/`` (or is that folder). y is the age in years (float).
+    ``root`` holds ``UTKFace/`` (or is that folder). y is the age in years (float). UTKFace's files
+    are dlib-aligned chips (5 landmarks, ``face_size`` 200, ``face_padding`` 0.25); the bundle records
+    that framing, so serving detects and aligns faces the same way. Photos named the same way but
+    not aligned (your own): ``align_faces: true`` aligns each once into the cache (``data.faces``).
     YAML: ``class_path: data.utkface.UTKFaceDataModule``, ``init_args: {input_size: 64, batch_size: 128}``
     """
 
@@ -94,9 +97,14 @@ class UTKFaceDataModule(FileDataModule):
         std: tuple[float, ...] | None = None,
         resize: Literal["stretch", "center_crop"] = "stretch",
         cache_dir: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         on_bad_image: BadImagePolicy = "skip",
         age_min: float = 0.0,
         age_max: float = 116.0,
+        align_faces: bool = False,
+        face_size: int = 200,
+        face_padding: float = 0.25,
     ) -> None:
         super().__init__(
             root=root,
@@ -110,10 +118,14 @@ class UTKFaceDataModule(FileDataModule):
             std=std,
             resize=resize,
             cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
             in_channels=3,
             target={"name": "age", "min": float(age_min), "max": float(age_max)},
             test_fraction=test_fraction,
             on_bad_image=on_bad_image,
+            align_faces=align_faces,
+            faces={"size": face_size, "padding": face_padding},  # the files are (or become) dlib-framed chips
         )
         self.folder = folder
         self.index: pd.DataFrame | None = None

@@ -107,8 +107,10 @@ class BundleMeta:
     class_names: list[str] | None = None
     target: dict[str, Any] | None = None  # {"name": "age", "min": 0.0, "max": 116.0[, "bins": [...]]}
     tta: list[str] = field(default_factory=list)  # test-time augmentation, e.g. ["hflip"] (models.heads)
+    faces: dict[str, Any] | None = None  # {"aligned": true, "size": 200, "padding": 0.25}: input is a face chip
     metrics: dict[str, float] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    augmentation: dict[str, Any] | None = None  # the training augmentation (A.to_dict), never used at inference
     versions: dict[str, str] = field(default_factory=dict)
     weights_sha256: str = ""
     created: str = ""
@@ -135,13 +137,33 @@ class BundleMeta:
             "class_names": self.class_names,
             "target": self.target,
             "tta": self.tta,
+            "faces": self.faces,
             "preprocess": self.preprocess.to_dict(),
             "metrics": self.metrics,
             "training_config": self.training_config,
+            "augmentation": self.augmentation,
             "versions": self.versions,
             "weights_sha256": self.weights_sha256,
             "created": self.created,
         }
+
+
+def _check_faces(faces: Any) -> dict[str, Any] | None:
+    """A ``faces`` entry normalized (``models.faces.FaceFraming``), or None; ``BundleError`` if invalid.
+
+    A bundle with the entry expects aligned face chips framed that way: serving detects and aligns
+    faces before the model. A bundle without it (older ones, non-face models) gets the whole image.
+    """
+    if faces is None or faces is False:
+        return None
+    from models.faces import FaceFraming
+
+    if not isinstance(faces, dict):
+        raise BundleError(f"'faces' must be an object like {{'size': 200, 'padding': 0.25}}, got {faces!r}")
+    try:
+        return FaceFraming.from_dict(faces).to_dict()
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"invalid 'faces' entry: {e}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -183,6 +205,8 @@ def save_bundle(
     metrics: dict[str, float] | None = None,
     training_config: dict[str, Any] | None = None,
     tta: list[str] | None = None,
+    faces: dict[str, Any] | None = None,
+    augmentation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``out_dir`` (replaced whole, never half-written)."""
     if task not in ("classification", "regression"):
@@ -195,6 +219,7 @@ def save_bundle(
         tta = check_tta(tta)
     except ValueError as e:
         raise BundleError(str(e)) from None
+    faces = _check_faces(faces)
     kwargs = _jsonable({k: v for k, v in architecture_kwargs.items() if k != "weights"})  # weights: the file
     check_architecture(architecture, kwargs)  # a bundle that would not load is never written
     out_dir = Path(out_dir)
@@ -212,8 +237,10 @@ def save_bundle(
             class_names=[str(c) for c in class_names] if class_names else None,
             target=_jsonable(target) if target else None,
             tta=tta,
+            faces=faces,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             training_config=_jsonable(training_config or {}),
+            augmentation=_jsonable(augmentation) if augmentation else None,
             versions=_versions(),
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -260,8 +287,10 @@ def read_meta(path: str | Path) -> BundleMeta:
             class_names=raw.get("class_names"),
             target=raw.get("target"),
             tta=check_tta(raw.get("tta")),
+            faces=_check_faces(raw.get("faces")),
             metrics=raw.get("metrics") or {},
             training_config=raw.get("training_config") or {},
+            augmentation=raw.get("augmentation"),
             versions=raw.get("versions") or {},
             weights_sha256=raw["weights_sha256"],
             created=raw.get("created", ""),

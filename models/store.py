@@ -12,6 +12,7 @@ the functions: importing ``models`` stays light.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def save_bundle_to_bentoml(bundle_dir: str | Path, name: str, labels: dict[str, 
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         for file in (WEIGHTS_FILE, META_FILE):
             shutil.copy2(Path(bundle_dir) / file, Path(model.path) / file)
+        if meta.faces:  # a face model: keep the landmark model with it, so `bentoml build` packs it too
+            from models.faces import LANDMARKS_FILE, FaceStageError, landmarks_path
+
+            # not here: serving then looks in the cache, and says so if it is missing there too
+            with contextlib.suppress(FaceStageError):
+                shutil.copy2(landmarks_path(bundle_dir), Path(model.path) / LANDMARKS_FILE)
     return str(model.tag)
 
 

@@ -9,6 +9,11 @@ glob. Files are decoded in DataLoader workers and predicted in batches by the sa
 ``serving.predictor.Predictor`` the HTTP service uses. Rows keep the input order: ``path``, then
 ``label, score, top1_label, top1_score, ...`` for a classifier or the target (``age``) for a
 regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
+A face model (an age bundle with a ``faces`` entry) gives one row per face found: ``path, face,
+box_x0, box_y0, box_x1, box_y1, face_score, age, error`` (largest face first; a photo without a
+face gets one row with ``error`` = "no face found"); ``--no-detect`` takes each file as an
+aligned chip (one row per file, the box is the whole image), ``--max-faces N`` keeps the N largest.
+Every engine builds its rows with ``build_rows``.
 The output appears whole or not at all (written to a temporary name, then renamed).
 
 ``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
@@ -18,7 +23,8 @@ may be repeated, and ``DIR/`` writes a Parquet dataset folder (one file per bloc
     python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --output ages.csv --engine ray
 
 ``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
-``name`` column (matched to the inputs by path, else by file name) and the true ``label``
+``name`` column (matched to the inputs by path, else by file name; a face model's largest face
+per file is scored) and the true ``label``
 (classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
 CS@5, and writes them to ``OUTPUT.metrics.json``:
 
@@ -46,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
 from models.bundle import BundleError
-from serving.predictor import ImageLoader, Predictor
+from models.faces import FaceStageError
+from serving.predictor import ImageLoader, Predictor, Prepared
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 OUTPUT_EXTS = (".csv", ".parquet")
@@ -57,34 +64,41 @@ class FatalError(Exception):
 
 
 class ImageFiles(Dataset):
-    """``(index, (C, h, w) tensor or None, error or None)`` for each path; never raises on a bad file."""
+    """``(index, Prepared or None, error or None)`` for each path; never raises on a bad file.
 
-    def __init__(self, paths: Sequence[Path], loader: ImageLoader) -> None:
-        self.paths, self.loader = list(paths), loader
+    ``Prepared`` holds one input per face found (a face model) or the whole image as one input.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
+    ) -> None:
+        self.paths, self.loader, self.max_faces, self.detect = list(paths), loader, max_faces, detect
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        return (i, *load_one(self.loader, self.paths[i]))
+    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
+        return (i, *load_one(self.loader, self.paths[i], self.max_faces, self.detect))
 
 
-def load_one(loader: ImageLoader, path: str | Path) -> tuple[torch.Tensor | None, str | None]:
-    """A file -> ``(tensor, None)``, or ``(None, why)`` when it cannot be used; never raises on a bad file."""
+def load_one(
+    loader: ImageLoader, path: str | Path, max_faces: int | None = None, detect: bool = True
+) -> tuple[Prepared | None, str | None]:
+    """A file -> ``(Prepared, None)`` (its faces' inputs, or the whole image's), or ``(None, why)``; never raises."""
     try:
-        return loader(path), None
+        return loader.prepare(path, max_faces, detect), None
     except ImageError as e:
         return None, str(e)
     except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
         return None, f"cannot read file ({e.strerror or e})"
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None, dict]:
-    """-> indices of the good images, their ``(B, C, h, w)`` batch, and ``{index: error}`` for the rest."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    errors = {i: err for i, x, err in items if x is None}
-    batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, errors
+def collate(
+    items: list[tuple[int, Prepared | None, str | None]],
+) -> tuple[list[tuple[int, Prepared | None, str | None]], torch.Tensor | None]:
+    """-> the items as they are, and every input of every good image in one ``(B, C, h, w)`` batch."""
+    inputs = [p.inputs for _, p, _ in items if p is not None and len(p.inputs)]
+    return items, torch.cat(inputs) if inputs else None
 
 
 def _worker_init(_: int) -> None:
@@ -204,6 +218,17 @@ def write_outputs(
         raise
 
 
+FACE_COLUMNS = {
+    "face": "Int64",
+    "box_x0": "Int64",
+    "box_y0": "Int64",
+    "box_x1": "Int64",
+    "box_y1": "Int64",
+    "face_score": "float64",
+}
+NO_FACE = "no face found"
+
+
 def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
     """The output columns and their pandas dtypes, the same for every engine and every block."""
     if predictor.task == "classification":
@@ -213,18 +238,44 @@ def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
             cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
     else:
         cols = {predictor.target_name: "float64"}
-    return {"path": "string", **cols, "error": "string"}
+    faces = FACE_COLUMNS if predictor.uses_faces else {}
+    return {"path": "string", **faces, **cols, "error": "string"}
 
 
 def build_rows(
-    predictor: Predictor, shown: str, output: torch.Tensor | None, error: str | None, top_k: int
+    predictor: Predictor,
+    shown: str,
+    outputs: torch.Tensor | None,
+    error: str | None,
+    top_k: int,
+    faces: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """The output rows of one input file: its prediction (a row of ``predict_tensors``) or its ``error``.
+    """The output rows of one input file (every engine builds its rows here, so they all get the same).
 
-    Every engine builds its rows here, so a new kind of row or column reaches them all.
+    ``outputs``: the file's rows of ``predict_tensors``, one per input of its ``Prepared``, and
+    ``faces`` that ``Prepared``'s faces (``{"box", "score"}``). A face model gives one row per face
+    (``face`` index, box, ``face_score``, target), or one row with an empty ``face`` and ``error``
+    "no face found"; any other model gives one row per file. A file that could not be read
+    (``outputs`` None) gives one row with its ``error``.
     """
-    result = flatten(predictor.format(output, top_k)) if output is not None else {}
-    return [{"path": shown, **result, "error": error}]
+    if outputs is None:
+        return [{"path": shown, "error": error or "not predicted"}]
+    if not predictor.uses_faces:
+        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": error}]
+    if not faces:
+        return [{"path": shown, "error": NO_FACE}]
+    rows = []
+    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
+        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
+        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
+        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
+    return rows
+
+
+def error_counts(table: pd.DataFrame) -> tuple[int, int]:
+    """-> (rows of files that could not be read, rows of photos without a face)."""
+    faceless = int((table["error"] == NO_FACE).sum())
+    return int(table["error"].notna().sum()) - faceless, faceless
 
 
 def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
@@ -241,12 +292,14 @@ def predict(
     workers: int = 2,
     top_k: int = 5,
     progress: bool | None = None,
+    detect: bool = True,
+    max_faces: int | None = None,
 ) -> pd.DataFrame:
-    """One row per path, in order: predictions, or an ``error`` for a file that could not be read."""
+    """Rows in input order (``build_rows``): predictions per file or per face, or an ``error``."""
     from tqdm import tqdm
 
     loader = DataLoader(
-        ImageFiles(paths, predictor.loader),
+        ImageFiles(paths, predictor.loader, max_faces, detect),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -254,18 +307,19 @@ def predict(
         pin_memory=predictor.device.type == "cuda",
         persistent_workers=False,
     )
-    outputs: list[torch.Tensor | None] = [None] * len(paths)
-    errors: dict[int, str] = {}
+    rows: list[list[dict[str, Any]]] = [[] for _ in paths]
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
-    for idx, batch, errs in loader:
-        errors.update(errs)
-        if batch is not None:
-            for i, row in zip(idx, predictor.predict_tensors(batch), strict=True):  # (B, C, h, w) -> (B, ...)
-                outputs[i] = row
-        bar.update(len(idx) + len(errs))
+    for items, batch in loader:
+        out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
+        at = 0
+        for i, prep, err in items:
+            n = len(prep.inputs) if prep is not None else 0
+            mine = None if prep is None else out[at : at + n] if out is not None else torch.zeros(0)
+            rows[i] = build_rows(predictor, shown[i], mine, err, top_k, prep.faces if prep is not None else ())
+            at += n
+        bar.update(len(items))
     bar.close()
-    rows = [r for i, s in enumerate(shown) for r in build_rows(predictor, s, outputs[i], errors.get(i), top_k)]
-    return to_table(rows, predictor, top_k)
+    return to_table([r for per_file in rows for r in per_file], predictor, top_k)
 
 
 def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
@@ -294,6 +348,8 @@ def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: 
     by_path = dict(zip(truth["key"], truth["truth"], strict=True))
     by_name = {Path(k).name: v for k, v in by_path.items()}
     rows = table[table["error"].isna()]
+    if "face" in rows.columns:  # a face model: the largest face of each photo is scored
+        rows = rows[rows["face"] == 0]
     known = [by_path.get(p, by_name.get(Path(p).name)) for p in rows["path"]]
     mask = [k is not None for k in known]
     if not any(mask):
@@ -341,6 +397,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (w x h)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a TTY")
+    p.add_argument(
+        "--detect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="face models: find and align faces (default); --no-detect: the files already are aligned chips",
+    )
+    p.add_argument("--max-faces", type=int, default=None, help="face models: at most this many faces per photo")
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
     ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default)")
@@ -352,7 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Option values that cannot work -> ``FatalError``; the checked ``(spec, path)`` outputs."""
-    for name in ("batch_size", "top_k", "max_pixels"):
+    for name in ("batch_size", "top_k", "max_pixels") + (("max_faces",) if args.max_faces is not None else ()):
         if getattr(args, name) < 1:
             raise FatalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.workers is not None and args.workers < (1 if args.engine == "ray" else 0):
@@ -385,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = "cpu" if args.engine == "ray" else args.device  # Ray: the driver only reads the bundle
         try:
             predictor = Predictor(bundle, device=device, max_pixels=args.max_pixels)
-        except BundleError as e:
+        except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
@@ -394,17 +457,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
 
             ray_opts = RayOptions(args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker)
-            table, rows, bad = run_ray(
+            table, rows, bad, faceless = run_ray(
                 predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
-                progress=args.progress, keep_table=truth is not None,
+                progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
             )  # fmt: skip
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         else:
             workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-            table = predict(predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress)
+            table = predict(
+                predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress,
+                detect=args.detect, max_faces=args.max_faces,
+            )  # fmt: skip
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
             write_outputs(table, outputs)
-            rows, bad = len(table), int(table["error"].notna().sum())
+            rows, (bad, faceless) = len(table), error_counts(table)
         if metrics is not None:
             metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
             tmp = metrics_file.with_name(f".{metrics_file.name}.tmp-{os.getpid()}")
@@ -420,8 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --output {', '.join(args.output)}: {e.strerror or e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
+    where = ", ".join(str(out) for _, out in outputs)
+    shown_faceless = f", {faceless} without a face" if predictor.uses_faces else ""
     print(
-        f"wrote {rows} rows to {', '.join(str(out) for _, out in outputs)}: {rows - bad} predicted, {bad} unreadable; "
+        f"wrote {rows} rows to {where}: {rows - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
         f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
         file=sys.stderr,
     )

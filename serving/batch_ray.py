@@ -7,9 +7,11 @@
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
 calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
 reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
-PIL only, so those workers start without torch), the bundle's preprocessing and the forward run in
-a pool of ``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and
-building its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
+PIL only, so those workers start without torch; for a face model also detecting and aligning each
+face with ``models.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
+and the forward run in a pool of ``--workers`` actors (``Forward``), each holding one
+``serving.predictor.Predictor`` and building its rows with ``serving.batch.build_rows``/``to_table``,
+so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
 it; the input files must be readable at the same path on every node (a shared file system).
 
@@ -45,7 +47,16 @@ import torch
 from data.imagefile import ImageError
 from data.preprocess import normalize_ops
 from models.bundle import META_FILE, WEIGHTS_FILE
-from serving.batch import FatalError, build_rows, is_dataset, remove, temp_name, to_table, write_outputs
+from serving.batch import (
+    FatalError,
+    build_rows,
+    error_counts,
+    is_dataset,
+    remove,
+    temp_name,
+    to_table,
+    write_outputs,
+)
 from serving.batch_decode import decode_files
 from serving.predictor import Predictor
 
@@ -81,28 +92,30 @@ class Forward:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
         self.loader = self.predictor.loader.preprocess
-        self.normalize = A.Compose(normalize_ops(self.predictor.spec))
+        normalize = A.Compose(normalize_ops(self.predictor.spec))
+        self.normalize = lambda image: normalize(image=image)["image"].float()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         errors = [str(e) or None for e in batch["error"]]
-        tensors: dict[int, torch.Tensor] = {}
-        for j, (image, resized) in enumerate(zip(batch["image"], batch["resized"], strict=True)):
-            if errors[j] is None:
+        inputs: dict[int, torch.Tensor] = {}  # per good file: its inputs (K, C, h, w), K faces or 1 image
+        for j, (images, resized) in enumerate(zip(batch["images"], batch["resized"], strict=True)):
+            if errors[j] is None and len(images):
                 try:  # the bundle's preprocessing (its resize already done for a large image)
-                    image = np.asarray(image)
-                    tensors[j] = self.normalize(image=image)["image"].float() if resized else self.loader(image)
+                    prep = self.normalize if resized else self.loader
+                    inputs[j] = torch.stack([prep(np.asarray(image)) for image in images])
                 except ImageError as e:
                     errors[j] = str(e)
-        outputs: list[torch.Tensor | None] = [None] * len(batch["path"])
-        if tensors:
-            batch_x = torch.stack(list(tensors.values()))  # (B, C, h, w)
-            for j, row in zip(tensors, self.predictor.predict_tensors(batch_x), strict=True):
-                outputs[j] = row
-        rows = [
-            r
-            for j, path in enumerate(batch["path"])
-            for r in build_rows(self.predictor, str(path), outputs[j], errors[j], self.top_k)
-        ]
+        out = self.predictor.predict_tensors(torch.cat(list(inputs.values()))) if inputs else None
+        rows, at = [], 0
+        for j, path in enumerate(batch["path"]):
+            n = len(inputs[j]) if j in inputs else 0
+            outputs = None if errors[j] is not None else out[at : at + n] if n else torch.zeros(0)
+            faces = [
+                {"box": [int(v) for v in box], "score": None if np.isnan(score) else float(score)}
+                for box, score in zip(np.asarray(batch["box"][j]).reshape(-1, 4), batch["score"][j], strict=True)
+            ]
+            rows += build_rows(self.predictor, str(path), outputs, errors[j], self.top_k, faces)
+            at += n
         return to_table(rows, self.predictor, self.top_k)
 
 
@@ -161,6 +174,8 @@ def pipeline(
     top_k: int,
     device: str,
     opts: RayOptions,
+    detect: bool = True,
+    max_faces: int | None = None,
 ) -> Any:
     """The lazy dataset: ``(file, path)`` rows -> decoding tasks -> the actor pool -> output rows."""
     import ray
@@ -180,7 +195,12 @@ def pipeline(
         .map_batches(
             decode_files,
             batch_size=batch_size,
-            fn_kwargs={"spec": predictor.spec.to_dict(), "max_pixels": predictor.max_pixels},
+            fn_kwargs={
+                "spec": predictor.spec.to_dict(),
+                "max_pixels": predictor.max_pixels,
+                "aligner": predictor.loader.aligner if detect else None,
+                "max_faces": max_faces,
+            },
             num_cpus=1,
             # A memory request of their own also keeps Ray Data from fusing the decoding into the
             # actors (it fuses a task into an actor pool with the same resources): decoding stays
@@ -211,8 +231,10 @@ def run_ray(
     opts: RayOptions,
     progress: bool | None = None,
     keep_table: bool = False,
-) -> tuple[pd.DataFrame | None, int, int]:
-    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, error rows).
+    detect: bool = True,
+    max_faces: int | None = None,
+) -> tuple[pd.DataFrame | None, int, int, int]:
+    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless).
 
     The table is kept on the driver only when a single-file output or ``keep_table`` needs it;
     dataset folders receive the blocks as they arrive.
@@ -227,7 +249,7 @@ def run_ray(
     try:
         for folder in folders:
             folder.mkdir()
-        frames, pending, parts, rows, bad = [], [], 0, 0, 0
+        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
         bar = progress_bar(len(paths), progress)
 
         def flush() -> None:
@@ -240,10 +262,11 @@ def run_ray(
             pending = []
 
         try:
-            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts)
+            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces)
             for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
                 block = block.astype(to_table([], predictor, top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
-                rows, bad = rows + len(block), bad + int(block["error"].notna().sum())
+                counts = error_counts(block)
+                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
                 if keep:
                     frames.append(block)
                 pending.append(block)
@@ -264,7 +287,7 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
-    return table, rows, bad
+    return table, rows, bad, faceless
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

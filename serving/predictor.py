@@ -6,23 +6,43 @@
     [{'label': 'Shirt', 'score': 0.91, 'top_k': [{'label': 'Shirt', 'score': 0.91}, ...]}]
 
 Everything comes from the bundle: architecture and weights (``models.bundle``), class names or
-the regression target and its range, and the eval preprocessing (``data.preprocess``). Imports
-neither Lightning nor ``training``.
+the regression target and its range, the eval preprocessing (``data.preprocess``) and, for a
+model trained on aligned face chips (the bundle's ``faces`` entry), the chip framing: such a
+predictor finds the faces in a photo and cuts their chips exactly that way (``models.faces``)
+before the model sees them:
+
+    >>> p = Predictor("artifacts/utkface_age")
+    >>> prep = p.prepare("group.jpg", max_faces=5)        # faces found (largest first) + their inputs
+    >>> p.face_results(prep, p.predict_tensors(prep.inputs))
+    [{'box': [212, 80, 301, 169], 'score': 1.21, 'age': 31.4}, ...]
+
+Imports neither Lightning nor ``training``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from data.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, eval_transform, load_image, preprocess
+from data.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    PreprocessSpec,
+    decode_image,
+    eval_transform,
+    load_image,
+    open_image,
+    preprocess,
+)
 from models import heads
 from models.bundle import BundleMeta, load_bundle
+from models.faces import DetectSettings, FaceAligner, FaceFraming
 
 
 def auto_device(device: str | torch.device | None = None) -> torch.device:
@@ -32,11 +52,29 @@ def auto_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-class ImageLoader:
-    """Bytes or a file -> the model's input ``(C, h, w)``: small and picklable, for DataLoader workers."""
+@dataclass
+class Prepared:
+    """One image made ready for the model: its faces (or the whole image as one) and their inputs.
 
-    def __init__(self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        self.spec, self.max_pixels = spec, max_pixels
+    ``faces[i]`` is ``{"box": [x0, y0, x1, y1], "score": detector score or None}`` (pixels of the
+    decoded image, EXIF orientation applied), largest first; ``inputs[i]`` is its ``(C, h, w)`` input.
+    """
+
+    faces: list[dict[str, Any]]
+    inputs: torch.Tensor  # (K, C, h, w), K = len(faces), 0 when no face was found
+    size: tuple[int, int]  # (width, height) of the decoded image
+
+
+class ImageLoader:
+    """Bytes or a file -> the model's input ``(C, h, w)``: small and picklable, for DataLoader workers.
+
+    With an ``aligner`` (a face model), ``prepare`` finds the faces and returns one input per face.
+    """
+
+    def __init__(
+        self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, aligner: FaceAligner | None = None
+    ) -> None:
+        self.spec, self.max_pixels, self.aligner = spec, max_pixels, aligner
         self.transform = eval_transform(spec)  # built once, reused for every image
 
     def decode(self, src: bytes | str | Path) -> np.ndarray:
@@ -47,8 +85,43 @@ class ImageLoader:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
         return preprocess(arr, self.spec, self.transform)
 
+    def open(self, src: bytes | str | Path) -> Image.Image:
+        """Read the header only (size checked against ``max_pixels``); ``img.width * img.height`` is the work."""
+        return open_image(src, max_pixels=self.max_pixels)
+
+    def load_opened(self, img: Image.Image) -> torch.Tensor:
+        """An image from ``open`` -> float ``(C, h, w)``: decode + preprocess; ``ImageError`` if unusable."""
+        try:
+            return self.preprocess(decode_image(img, self.spec.channels))
+        finally:
+            img.close()
+
     def __call__(self, src: bytes | str | Path) -> torch.Tensor:
         return self.preprocess(self.decode(src))
+
+    def prepare(
+        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
+    ) -> Prepared:
+        """Decode (an image from ``open`` too), then one input per face found, or the whole image as one input.
+
+        Faces are looked for when this loader has an aligner and ``detect``; otherwise the image
+        is taken as it is (an aligned chip, or any image for a non-face model): one entry whose box
+        is the whole image and whose score is None.
+        """
+        if isinstance(src, Image.Image):  # from ``open``: header read, size checked
+            try:
+                arr = decode_image(src, self.spec.channels)
+            finally:
+                src.close()
+        else:
+            arr = src if isinstance(src, np.ndarray) else self.decode(src)
+        h, w = arr.shape[:2]
+        if self.aligner is None or not detect:
+            return Prepared([{"box": [0, 0, w, h], "score": None}], self.preprocess(arr)[None], (w, h))
+        found = self.aligner(arr, max_faces=max_faces)
+        c, (ih, iw) = self.spec.channels, self.spec.input_size
+        inputs = torch.stack([self.preprocess(f.chip) for f in found]) if found else torch.zeros(0, c, ih, iw)
+        return Prepared([{"box": list(f.box), "score": f.score} for f in found], inputs, (w, h))
 
 
 class Predictor:
@@ -62,6 +135,7 @@ class Predictor:
         bundle: str | Path | tuple[nn.Module, BundleMeta],
         device: str | torch.device | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        face_settings: DetectSettings | None = None,
     ) -> None:
         self.device = auto_device(device)
         if isinstance(bundle, tuple):
@@ -72,7 +146,11 @@ class Predictor:
         self.model = model
         self.max_pixels = max_pixels
         self.spec = self.meta.preprocess
-        self.loader = ImageLoader(self.spec, max_pixels)
+        # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
+        # one clear line, when dlib or the landmark model is missing).
+        self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
+        aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
+        self.loader = ImageLoader(self.spec, max_pixels, aligner)
         self.task = self.meta.task
         self.class_names = self.meta.class_names or []
         self.target = self.meta.target or {}
@@ -98,6 +176,27 @@ class Predictor:
     def load(self, src: bytes | str | Path) -> torch.Tensor:
         """decode + preprocess: bytes or a file -> float ``(C, h, w)``."""
         return self.loader(src)
+
+    @property
+    def uses_faces(self) -> bool:
+        """True when the model expects aligned face chips (the bundle has a ``faces`` entry)."""
+        return self.framing is not None
+
+    def prepare(
+        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
+    ) -> Prepared:
+        """The faces in ``src`` and their inputs (see ``ImageLoader.prepare``)."""
+        return self.loader.prepare(src, max_faces, detect)
+
+    def face_results(self, prepared: Prepared, outputs: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
+        """``[{"box", "score", <target name> (e.g. "age") or label/score/top_k}, ...]``, one per face."""
+        out = []
+        for face, row in zip(prepared.faces, outputs, strict=True):
+            result = self.format(row, top_k)
+            if self.task == "classification":
+                result = {"label": result["label"], "label_score": result["score"], "top_k": result["top_k"]}
+            out.append({"box": face["box"], "score": face["score"], **result})
+        return out
 
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
@@ -146,6 +245,7 @@ def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> d
         },
         "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
         "tta": list(meta.tta),
+        "faces": meta.faces,  # {"aligned", "size", "padding", ...}: faces are found and aligned first; None: not
     }
     if meta.task == "classification":
         out["class_names"] = list(meta.class_names or [])

@@ -210,7 +210,8 @@ def _start_fails(store: dict, models: str, **extra: str) -> str:
         timeout=120,
     )
     assert r.returncode != 0
-    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    # one line: `error: ...` (serving/auth.py) or BentoML's `Error: [serve] ...` for a SettingsError
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.lower().startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     return lines[0]
 

@@ -123,6 +123,39 @@ def test_csv_input_with_a_missing_file_keeps_its_order(ray_session: None, setup:
     assert "no such file" in table["error"].iloc[1]
 
 
+def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tmp_path: Path) -> None:
+    """A face bundle: one row per face, a faceless photo's row, broken files' rows; the same as --engine local."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_faces import astronaut, face_bundle
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    img = astronaut()
+    Image.fromarray(img).save(photos / "one.jpg", quality=92)
+    Image.fromarray(np.concatenate([img, img[:, ::-1]], axis=1)).save(photos / "two.png")
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(photos / "blank.png")
+    (photos / "text.jpg").write_text("not an image")
+    # over serving.batch_decode.RESIZE_ABOVE pixels: detected at full size, so its box is in the photo's pixels
+    canvas = np.full((1000, 1100, 3), 90, np.uint8)
+    canvas[300 : 300 + img.shape[0], 400 : 400 + img.shape[1]] = img
+    Image.fromarray(canvas).save(photos / "big.png")
+    common = ["--model", face_bundle(tmp_path / "b"), "--input", photos, "--batch-size", "2"]
+    local, ours = tmp_path / "local.csv", tmp_path / "ray.csv"
+    assert run(*common, "--output", local, "--workers", "0") == 0
+    assert run(*common, "--output", ours, "--engine", "ray") == 0
+    expected, table = pd.read_csv(local), pd.read_csv(ours)
+    assert list(table.columns) == ["path", "face", "box_x0", "box_y0", "box_x1", "box_y1", "face_score", "age", "error"]
+    names = table["path"].map(lambda p: Path(p).name).tolist()
+    assert names == ["big.png", "blank.png", "one.jpg", "text.jpg", "two.png", "two.png"]
+    assert table["error"].iloc[1] == "no face found" and "not a recognized image" in table["error"].iloc[3]
+    assert table["face"].tolist()[4:] == [0, 1] and table["face_score"].iloc[2] > 0
+    big, one = table.iloc[0], table.iloc[2]  # the same face, 400 px right and 300 px down
+    assert [big["box_x0"] - 400, big["box_y0"] - 300, big["box_x1"] - 400, big["box_y1"] - 300] == pytest.approx(
+        [one["box_x0"], one["box_y0"], one["box_x1"], one["box_y1"]], abs=4
+    )
+    assert_same_rows(table, expected)
+
+
 def _actor_pids() -> list[int]:
     """Processes whose title is the engine's model actor (Ray renames its worker processes)."""
     pids = []

@@ -32,8 +32,12 @@ def test_request_is_valid_multipart() -> None:
     assert b"PNGDATA" in body and b'name="top_k"\r\n\r\n3' in body
 
 
-def test_counts_requests_and_errors() -> None:
-    """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies."""
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_counts_requests_and_errors(client: str) -> None:
+    """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies.
+
+    Both load generators: the raw-socket client and a plain ``httpx.AsyncClient``.
+    """
     calls = {"n": 0}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -52,9 +56,11 @@ def test_counts_requests_and_errors() -> None:
 
     async def main() -> dict:
         server, port = await _serve(handler)
-        args = argparse.Namespace(host="127.0.0.1", port=port, clients=2, seconds=0.5, warmup=0.1, timeout=5.0)
+        args = argparse.Namespace(
+            host="127.0.0.1", port=port, clients=2, seconds=0.5, warmup=0.1, timeout=5.0, client=client, path="/"
+        )
         async with server:
-            return await _loadgen.run(args, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"])
+            return await _loadgen.run(args, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"], [("a.png", b"x")])
 
     out = asyncio.run(main())
     assert out["requests"] > 10
@@ -64,6 +70,28 @@ def test_counts_requests_and_errors() -> None:
 
 
 def test_refused_connection_is_an_error() -> None:
-    args = argparse.Namespace(host="127.0.0.1", port=1, clients=1, seconds=0.2, warmup=0.0, timeout=1.0)
-    out = asyncio.run(_loadgen.run(args, [b"x"]))
+    args = argparse.Namespace(
+        host="127.0.0.1", port=1, clients=1, seconds=0.2, warmup=0.0, timeout=1.0, client="raw", path="/"
+    )
+    out = asyncio.run(_loadgen.run(args, [b"x"], []))
     assert out["requests"] > 0 and out["errors"] == out["requests"] and out["requests_per_s"] == 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_gpu_benchmarks_say_no_cuda_in_one_line(tmp_path: Path) -> None:
+    """Without a GPU both GPU entry points stop at once with one ``error:`` line (nothing half-run)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DATASETS_DIR": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--accelerator", "gpu"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: --accelerator gpu: no CUDA device here"]
+    out = tmp_path / "gpu_check"
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: no CUDA device here", r.stderr
+    assert not (out / "throughput_fp32.txt").exists()

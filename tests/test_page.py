@@ -86,15 +86,16 @@ def served(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
 
 
 def mark_face_model(bundle: Path) -> bool:
-    """Record in the age bundle that its model takes aligned face chips (UTKFace's framing), so the service
-    finds the faces in a photo; False (and the bundle left alone) where bundles have no ``faces`` entry yet."""
-    from models.bundle import BundleMeta
+    """Record in the age bundle that its model takes aligned face chips (UTKFace's framing, the entry
+    ``models.faces.FaceFraming`` writes), so the service finds the faces in a photo."""
+    from models.bundle import read_meta
+    from models.faces import FaceFraming
 
-    if "faces" not in BundleMeta.__dataclass_fields__:
-        return False
     meta = json.loads((bundle / "bundle.json").read_text())
-    meta["faces"] = {"size": 200, "padding": 0.25}
+    meta["faces"] = FaceFraming(size=200, padding=0.25).to_dict()
+    assert meta["faces"] == {"aligned": True, "landmarks": "dlib_5_point", "size": 200, "padding": 0.25}
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2))
+    assert read_meta(bundle).faces == meta["faces"]
     return True
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from models.bundle import load_bundle, read_meta
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]  # the quickstart (digits) classifier
 AGE_TARGET = {"name": "age", "min": 0.0, "max": 116.0}
-MAX_PIXELS = 1_000_000  # the test server's SVERTKA_MAX_PIXELS
+MAX_PIXELS = 40_000_000  # the test server's SVERTKA_MAX_PIXELS (the default)
 MAX_BODY = 3_000_000  # the test server's SVERTKA_MAX_BODY_BYTES
 START_TIMEOUT = 180
 
@@ -181,6 +182,7 @@ def serve_env(home: Path, models: str, **extra: str) -> dict[str, str]:
         SVERTKA_TORCH_THREADS="1",
         SVERTKA_MAX_PIXELS=str(MAX_PIXELS),
         SVERTKA_MAX_BODY_BYTES=str(MAX_BODY),
+        SVERTKA_MAX_IN_FLIGHT="24",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
         **extra,
@@ -215,8 +217,29 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with bentoml_home(home):
         clf_tag = save_bundle_to_bentoml(bundles["clf"], "test_clf", labels={"stage": "test"})
         age_tag = save_bundle_to_bentoml(bundles["age"], "test_age")
+        bundles["face"] = with_faces(bundles["age"], root / "bundles" / "face")
+        face_tag = save_bundle_to_bentoml(bundles["face"], "test_face_age")
         assert bundle_dir_for_tag("test_clf:latest") == bundle_dir_for_tag(clf_tag)
-    return {"home": home, "bundles": bundles, "clf_tag": clf_tag, "age_tag": age_tag, "root": root}
+    return {
+        "home": home,
+        "bundles": bundles,
+        "clf_tag": clf_tag,
+        "age_tag": age_tag,
+        "face_tag": face_tag,
+        "root": root,
+    }
+
+
+def with_faces(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` whose bundle.json says its model expects UTKFace-framed face chips."""
+    import shutil
+
+    shutil.copytree(bundle, out)
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["faces"] = {"aligned": True, "landmarks": "dlib_5_point", "size": 200, "padding": 0.25}
+    (out / "bundle.json").write_text(json.dumps(meta))
+    assert read_meta(out).faces["size"] == 200
+    return out
 
 
 @contextmanager
@@ -256,7 +279,8 @@ def start_server(home: Path, models: str, log_path: Path, **env: str) -> Iterato
 @pytest.fixture(scope="module")
 def server(store: dict) -> Iterator[str]:
     """`bentoml serve` at the repo root on a free port, ready (/readyz) before the first test."""
-    with start_server(store["home"], "test_clf,test_age:latest", store["root"] / "serve.log") as url:
+    models = "test_clf,test_age:latest,test_face_age"
+    with start_server(store["home"], models, store["root"] / "serve.log") as url:
         yield url
 
 
@@ -320,9 +344,49 @@ def test_estimate_age(server: str, store: dict) -> None:
         r = estimate_age(server, data, name)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"age", "model"} and body["model"] == store["age_tag"]
-        assert 0.0 <= body["age"] <= 116.0
-        assert body["age"] == pytest.approx(float(reference(store["bundles"]["age"], data)[0]), abs=1e-4)
+        assert set(body) == {"faces", "model"} and body["model"] == store["age_tag"]
+        w, h = Image.open(io.BytesIO(data)).size
+        (face,) = body["faces"]  # a bundle without a faces entry: the whole image is the one "face"
+        assert face["box"] == [0, 0, w, h] and face["score"] is None
+        assert 0.0 <= face["age"] <= 116.0
+        assert face["age"] == pytest.approx(float(reference(store["bundles"]["age"], data)[0]), abs=1e-4)
+
+
+def test_estimate_age_faces_in_a_photo(server: str, store: dict) -> None:
+    """A face bundle: the astronaut's one face, its box on the face, the age of its aligned chip;
+    detect=false takes the upload as the chip; no face is an empty list; max_faces is checked."""
+    from skimage import data as skdata
+
+    from models.faces import FaceAligner
+
+    photo = skdata.astronaut()
+    png = encode(Image.fromarray(photo))
+    r = estimate_age(server, png, model="test_face_age")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == store["face_tag"] and len(body["faces"]) == 1
+    face = body["faces"][0]
+    x0, y0, x1, y1 = face["box"]
+    assert 170 <= (x0 + x1) / 2 <= 275 and 75 <= (y0 + y1) / 2 <= 180 and face["score"] > 0.5
+    chip = FaceAligner()(photo)[0].chip
+    assert face["age"] == pytest.approx(
+        float(reference(store["bundles"]["face"], encode(Image.fromarray(chip)))[0]), abs=1e-4
+    )
+    r = estimate_age(server, png, model="test_face_age", detect="false")
+    (whole,) = r.json()["faces"]
+    assert whole["box"] == [0, 0, 512, 512] and whole["score"] is None
+    assert whole["age"] == pytest.approx(float(reference(store["bundles"]["face"], png)[0]), abs=1e-4)
+    two = encode(Image.fromarray(np.concatenate([photo, photo[:, ::-1]], axis=1)))
+    faces = estimate_age(server, two, model="test_face_age").json()["faces"]
+    assert len(faces) == 2
+    assert len(estimate_age(server, two, model="test_face_age", max_faces="1").json()["faces"]) == 1
+    r = estimate_age(server, encode(Image.new("RGB", (640, 480), (120, 120, 120))), model="test_face_age")
+    assert r.status_code == 200 and r.json()["faces"] == []
+    for bad in ("0", "1000", "x"):
+        r = estimate_age(server, png, model="test_face_age", max_faces=bad)
+        assert r.status_code == 400 and "max_faces" in r.text, r.text
+    r = estimate_age(server, b"not an image", model="test_face_age")
+    assert r.status_code == 400 and "error" in r.json()
 
 
 def test_models_endpoint(server: str, store: dict) -> None:
@@ -333,7 +397,7 @@ def test_models_endpoint(server: str, store: dict) -> None:
     for r in (httpx.get(f"{server}/models"), httpx.post(f"{server}/models")):
         assert r.status_code == 200, r.text
         models = {m["tag"]: m for m in r.json()["models"]}
-        assert list(models) == [store["clf_tag"], store["age_tag"]]
+        assert list(models) == [store["clf_tag"], store["age_tag"], store["face_tag"]]
         clf, age = models[store["clf_tag"]], models[store["age_tag"]]
         assert clf["task"] == "classification" and clf["class_names"] == CLASSES
         assert clf["input"]["height"] == 28 and clf["input"]["channels"] == 1
@@ -353,6 +417,56 @@ def test_page_is_served_self_contained(server: str) -> None:
         assert external not in r.text, external
     docs = httpx.get(f"{server}/docs")  # BentoML's OpenAPI page moved here from /
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_models_endpoint_shows_the_loaded_version(server: str, store: dict) -> None:
+    """A newer save of a served name (or deleting that save) changes nothing in what is served."""
+    import bentoml
+
+    from models.store import save_bundle_to_bentoml
+
+    before = httpx.get(f"{server}/models").json()
+    with bentoml_home(store["home"]):
+        newer = save_bundle_to_bentoml(store["bundles"]["clf"], "test_clf")
+        assert newer != store["clf_tag"] and str(bentoml.models.get("test_clf:latest").tag) == newer
+        try:
+            assert httpx.get(f"{server}/models").json() == before
+            assert classify(server, sample_images()["rgb.png"]).json()["model"] == store["clf_tag"]
+        finally:
+            bentoml.models.delete(newer)  # test_clf:latest is the served version again
+    assert httpx.get(f"{server}/models").json() == before
+    assert [m["tag"] for m in before["models"]] == [store["clf_tag"], store["age_tag"], store["face_tag"]]
+
+
+def test_burst_beyond_admission_limit_gets_503_then_serves(server: str, store: dict) -> None:
+    """80 requests at once against SVERTKA_MAX_IN_FLIGHT=24: 503s with Retry-After, at once; then all is well."""
+    rng = np.random.default_rng(5)
+    data = encode(Image.fromarray(rng.integers(0, 256, (1500, 1500), dtype=np.uint8)))  # ~0.05 s to decode
+    barrier = threading.Barrier(80)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(timeout=60) as client:
+            client.get(f"{server}/livez")  # connect first, then all send together
+            barrier.wait()
+            return client.post(f"{server}/classify", files={"image": ("a.png", data)}, data={"top_k": "10"})
+
+    with ThreadPoolExecutor(80) as pool:
+        answers = list(pool.map(one, range(80)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0 and codes.count(200) >= 24, codes
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"].isdigit() and "busy" in _reason(r)
+    expected = reference(store["bundles"]["clf"], data)
+    for r in answers:
+        if r.status_code == 200:
+            np.testing.assert_allclose(scores_by_label(r.json()), expected, atol=1e-5)
+    r = classify(server, data, top_k=10)
+    assert r.status_code == 200
+    np.testing.assert_allclose(scores_by_label(r.json()), expected, atol=1e-5)
+    stats = httpx.get(f"{server}/stats").json()
+    assert stats["refused"] >= codes.count(503) and stats["in_flight"] <= 1
 
 
 def test_concurrent_requests_batched_and_correct(server: str, store: dict) -> None:
@@ -382,7 +496,7 @@ BAD_UPLOADS = {
     "truncated": (sample_images()["rgb.png"][:200], "truncated"),
     "truncated jpeg": (sample_images()["rgb.jpg"][:300], "truncated"),
     "empty": (b"", "empty"),
-    "too many pixels": (encode(Image.new("L", (1100, 1000))), "over the limit"),
+    "too many pixels": (encode(Image.new("L", (6400, 6400))), "over the limit"),
 }
 
 
@@ -408,12 +522,96 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("size", [(5000, 5000), (100_000, 100_000)])
+@pytest.mark.parametrize("size", [(7000, 7000), (100_000, 100_000)])
 def test_decompression_bomb_refused_from_header(server: str, size: tuple[int, int]) -> None:
     t = time.monotonic()
     r = classify(server, png_header_only(*size))
     assert r.status_code == 400 and "pixels" in _reason(r)
     assert time.monotonic() - t < 5
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def ztxt_bomb_png() -> bytes:
+    """A valid 8x8 PNG (~190 KB) with a zTXt chunk that inflates to 200 MB (Pillow: ValueError)."""
+    import zlib
+
+    comp = zlib.compressobj(9)
+    text = b"".join(comp.compress(b"\0" * (1 << 20)) for _ in range(200)) + comp.flush()
+    png = encode(Image.new("L", (8, 8), 7))
+    return png[:33] + png_chunk(b"zTXt", b"Comment\0\0" + text) + png[33:]  # after IHDR (8 + 25 bytes)
+
+
+def huge_flat_png() -> bytes:
+    """A real 6200x6200 (38 Mpx) grayscale PNG of ~40 KB: what its size says is nothing like its pixels."""
+    import struct
+    import zlib
+
+    w = h = 6200
+    comp = zlib.compressobj(9)
+    row = b"\0" + b"\x80" * w  # filter byte + one grey row
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def cielab_tiff() -> bytes:
+    """A TIFF in the CIELab colour space (PIL mode LAB)."""
+    rng = np.random.default_rng(2)
+    return encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), "LAB"), "TIFF")
+
+
+def truncated_jpeg() -> bytes:
+    rng = np.random.default_rng(3)
+    return encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")[:700]
+
+
+HOSTILE = {"ztxt bomb": ztxt_bomb_png, "38 Mpx png": huge_flat_png, "cielab tiff": cielab_tiff,
+           "truncated jpeg": truncated_jpeg}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_uploads_are_4xx_or_correct(server: str, store: dict, case: str) -> None:
+    """Each: a 4xx with a reason, or a 200 equal to the bundle's own answer, within 2 s (never a 5xx)."""
+    data = HOSTILE[case]()
+    if case == "38 Mpx png":
+        assert len(data) < 60_000
+    t = time.monotonic()
+    r = classify(server, data, "x.bin", top_k=10)
+    elapsed = time.monotonic() - t
+    assert r.status_code < 500, r.text
+    if r.status_code == 200:
+        np.testing.assert_allclose(scores_by_label(r.json()), reference(store["bundles"]["clf"], data), atol=1e-5)
+    else:
+        assert 400 <= r.status_code < 500 and _reason(r)
+    assert case not in ("ztxt bomb", "truncated jpeg") or r.status_code == 400
+    assert case not in ("38 Mpx png", "cielab tiff") or r.status_code == 200
+    assert elapsed < 2.0, f"{case}: {elapsed:.2f} s"
+
+
+def test_batch_script_error_rows_for_hostile_files(store: dict, tmp_path: Path) -> None:
+    """The batch script: a bad file is an error row, never a crash; the good ones are predicted."""
+    import pandas as pd
+
+    from serving import batch
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a_ztxt.png").write_bytes(ztxt_bomb_png())
+    (folder / "b_lab.tif").write_bytes(cielab_tiff())
+    (folder / "c_trunc.jpg").write_bytes(truncated_jpeg())
+    (folder / "d_good.png").write_bytes(sample_images()["rgb.png"])
+    out = tmp_path / "out.csv"
+    args = ["--model", str(store["bundles"]["clf"]), "--input", str(folder), "--output", str(out), "--workers", "0"]
+    assert batch.main(args) == 0
+    table = pd.read_csv(out).set_index(pd.read_csv(out)["path"].map(lambda p: Path(p).name))
+    assert table.loc["a_ztxt.png", "error"] and table.loc["c_trunc.jpg", "error"]
+    assert pd.isna(table.loc["b_lab.tif", "error"]) and pd.isna(table.loc["d_good.png", "error"])
 
 
 @pytest.mark.parametrize(
@@ -520,7 +718,7 @@ def test_parity_http_batch_bundle(server: str, store: dict, tmp_path: Path) -> N
                 np.testing.assert_allclose([from_batch[c] for c in CLASSES], ref, atol=1e-5)
                 np.testing.assert_allclose(http, ref, atol=1e-5)
             else:
-                http = estimate_age(server, data, name).json()["age"]
+                http = estimate_age(server, data, name).json()["faces"][0]["age"]
                 assert row.age == pytest.approx(float(ref[0]), abs=1e-5)
                 assert http == pytest.approx(float(ref[0]), abs=1e-5)
 
@@ -540,8 +738,23 @@ def test_missing_model_stops_start_with_clear_message(store: dict) -> None:
         timeout=120,
     )
     assert r.returncode != 0
-    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and "no_such_model:v1" in lines[0] and "SVERTKA_MODELS" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_face_model_without_landmarks_stops_start_with_clear_message(store: dict, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=serve_env(store["home"], "test_face_age", SVERTKA_LANDMARKS=str(tmp_path / "missing.dat")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "test_face_age" in lines[0] and "landmark model is missing" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
 
 

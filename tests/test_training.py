@@ -20,7 +20,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from data.base import ImageDataModule, Split
+from data.base import Augment, ImageDataModule, Split
 from data.digits import DigitsDataModule
 from training import AgeRegressor, ImageClassifier
 from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint
@@ -245,6 +245,64 @@ def test_channels_last_gives_same_outputs() -> None:
     torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
 
 
+def _fit_and_export(tmp_path: Path, name: str, accelerator: str = "cpu", precision: str = "32-true", **kw) -> Path:
+    """2 epochs x 3 batches of lenet5 on digits with augmentation; the bundle's folder."""
+    dm_kw = {k: kw.pop(k) for k in ("num_workers", "pin_memory") if k in kw}
+    dm = DigitsDataModule(batch_size=32, augment=Augment(shift=0.1, rotate=10), **dm_kw)
+    torch.manual_seed(0)
+    model = ImageClassifier("lenet5", **kw)
+    trainer = tiny_trainer(tmp_path / name, accelerator=accelerator, precision=precision, max_epochs=2,
+                           limit_train_batches=3, callbacks=[ExportBundle(tmp_path / name / "bundle")])  # fmt: skip
+    trainer.fit(model, dm)
+    return tmp_path / name / "bundle"
+
+
+def _same_bundle_format(plain: Path, other: Path) -> None:
+    """Same metadata (but the config and metrics), same tensor names, shapes, dtypes, plain contiguous layout."""
+    from safetensors.torch import load_file
+
+    a, b = (json.loads((p / "bundle.json").read_text()) for p in (plain, other))
+    for key in ("task", "architecture", "class_names", "preprocess", "tta", "augmentation", "format_version"):
+        assert a[key] == b[key], key
+    wa, wb = load_file(plain / "model.safetensors"), load_file(other / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype == torch.float32, k
+        assert wb[k].is_contiguous(), k
+
+
+@pytest.mark.parametrize("compile_net", [False, True], ids=["channels_last+bf16", "compiled"])
+def test_speed_options_give_the_same_bundle(tmp_path: Path, compile_net: bool) -> None:
+    """channels_last, bf16-mixed (CPU autocast) and torch.compile change the speed, not the bundle."""
+    plain = _fit_and_export(tmp_path, "plain")
+    if compile_net:
+        fast = _fit_and_export(tmp_path, "fast", compile_net=True)
+    else:
+        fast = _fit_and_export(tmp_path, "fast", precision="bf16-mixed", channels_last=True)
+    _same_bundle_format(plain, fast)
+    from models.bundle import load_bundle
+
+    net, _ = load_bundle(fast)
+    ckpt_free = ImageClassifier("lenet5")
+    ckpt_free.net.load_state_dict(net.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ckpt_free.eval()(x), atol=1e-5, rtol=1e-5)
+    if compile_net:  # the compiled module stays out of the state dict
+        assert all(not k.startswith("_train_net") and "_orig_mod" not in k for k in ckpt_free.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_options_train_and_give_the_same_bundle(tmp_path: Path) -> None:
+    """On a GPU: bf16-mixed, channels_last, torch.compile, pinned memory, persistent workers; same bundle."""
+    plain = _fit_and_export(tmp_path, "plain")
+    fast = _fit_and_export(
+        tmp_path, "gpu", accelerator="gpu", precision="bf16-mixed", channels_last=True, compile_net=True,
+        num_workers=2, pin_memory=True,
+    )  # fmt: skip
+    _same_bundle_format(plain, fast)
+
+
 # ---------------------------------------------------------------- configs
 
 
@@ -321,6 +379,51 @@ def test_resume_matches_uninterrupted_fit(tmp_path: Path, monkeypatch: pytest.Mo
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=1e-5)
     history = b["callbacks"]["TrainingPlots"]["history"]
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
+
+
+AUGMENT = {
+    "random_crop_padding": 2,
+    "rotate": 10,
+    "affine_p": 1.0,
+    "transform": [  # albumentations' own serialized form; GaussNoise has no batched version
+        {"__class_fullname__": "GaussNoise", "std_range": [0.02, 0.06], "p": 0.5},
+        {"__class_fullname__": "HorizontalFlip", "p": 0.5},
+        {"__class_fullname__": "CoarseDropout", "hole_height_range": [0.1, 0.25], "p": 0.5},
+    ],
+}
+
+
+def test_mid_epoch_resume_with_augmentation_matches_uninterrupted_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill after 9 steps (mid 2nd epoch), resume from that checkpoint: same weights as 12 straight steps.
+
+    The augmentation has a per-sample part (albumentations, in a loader worker on resume) and a
+    batched part (the engine's generator is in the checkpoint); the straight run also exports the
+    bundle, which records the resolved pipeline, as the run's config.yaml records the config.
+    """
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    aug = ["--data.init_args.augment", json.dumps(AUGMENT), "--trainer.max_epochs", "2"]
+    assert _fit(tmp_path, "straight", 2, *aug, "--export", "true") == 0
+    kill = ["--trainer.max_steps", "9", "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'killed'}", "--trainer.callbacks.every_n_train_steps=9",
+            "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename=step9"]  # fmt: skip
+    assert _fit(tmp_path, "resumed", 2, *aug, *kill) == 0
+    killed = load_checkpoint(tmp_path / "killed" / "step9.ckpt")
+    assert killed["global_step"] == 9 and killed["epoch"] == 1  # 3 batches into the 2nd epoch
+    resume = ["--ckpt_path", str(tmp_path / "killed" / "step9.ckpt"), "--data.init_args.num_workers", "1"]
+    assert _fit(tmp_path, "resumed", 2, *aug, *resume) == 0
+    a = load_checkpoint(tmp_path / "runs/straight/checkpoints/last.ckpt")
+    b = load_checkpoint(tmp_path / "runs/resumed/checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0)
+
+    bundle = json.loads((tmp_path / "artifacts/straight/bundle.json").read_text())
+    ops = [t["__class_fullname__"] for t in bundle["augmentation"]["transform"]["transforms"]]
+    assert ops == ["PadIfNeeded", "RandomCrop", "Affine", "GaussNoise", "HorizontalFlip", "CoarseDropout"]
+    config = yaml.safe_load((tmp_path / "runs/straight/version_0/config.yaml").read_text())
+    assert config["data"]["init_args"]["augment"]["transform"][0]["__class_fullname__"] == "GaussNoise"
 
 
 @pytest.fixture(scope="module")

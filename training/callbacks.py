@@ -10,11 +10,13 @@ adds both; with a plain ``Trainer`` pass them yourself.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from models.registry import get_model
@@ -292,3 +294,46 @@ class ResumableRNG(Callback):
         np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
         p = state_dict["python"]
         random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+class _Throttled:
+    """A progress bar that redraws (and so reads the logged metrics) at most every ``interval`` seconds.
+
+    Lightning's bars read every logged metric after every step (``.item()``: a host-device sync
+    on a GPU) and redraw; at hundreds of steps per second nobody sees the difference between that
+    and 5 redraws a second. ``refresh_due`` is set before the step, so the module logs the step
+    loss only when the bar or a logger will read it.
+    """
+
+    interval: float = 0.2
+    refresh_due: bool = True
+    _last: float = 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.monotonic()
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        self.refresh_due = last_batch or batch_idx == 0 or now - self._last >= self.interval
+        if self.refresh_due:
+            self._last = now
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # type: ignore[misc]
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.refresh_due:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # type: ignore[misc]
+
+
+class ThrottledRichProgressBar(_Throttled, RichProgressBar):
+    """Lightning's default (rich) bar, redrawn at most 5 times a second during training."""
+
+
+class ThrottledTQDMProgressBar(_Throttled, TQDMProgressBar):
+    """Lightning's tqdm bar, redrawn at most 5 times a second during training."""
+
+
+def progress_bar() -> Callback:
+    """The bar Lightning would pick (rich when installed, else tqdm), throttled."""
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    return ThrottledRichProgressBar() if _RICH_AVAILABLE else ThrottledTQDMProgressBar()

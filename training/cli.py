@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -32,7 +32,7 @@ from data.base import DataError, ImageDataModule
 from data.preprocess import ImageError
 from models.bundle import BundleError
 from models.registry import get_model_builder
-from training.callbacks import ExportBundle, ResumableRNG, TrainingPlots
+from training.callbacks import ExportBundle, ResumableRNG, TrainingPlots, progress_bar
 from training.modules import ImageTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -114,6 +114,10 @@ class SvertkaCLI(LightningCLI):
         given = list(trainer_cfg.get("callbacks") or [])
         given += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         extra: list[Callback] = [TrainingPlots(), ResumableRNG()]
+        if trainer_cfg.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            extra.append(progress_bar())  # redrawn 5 times a second, not after every step
         if not any(isinstance(c, ModelCheckpoint) for c in given):
             ckpt_dir = runs / name / "checkpoints"
             best = ModelCheckpoint(

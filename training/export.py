@@ -60,6 +60,8 @@ def write_bundle(
         metrics=metrics,
         training_config=meta.get("config") or {},
         tta=meta.get("tta") or [],
+        faces=meta.get("faces"),
+        augmentation=meta.get("augmentation"),
     )
 
 

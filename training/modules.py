@@ -76,6 +76,7 @@ class ImageTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         tta_hflip: bool = False,
     ) -> None:
         super().__init__()
@@ -95,15 +96,23 @@ class ImageTask(LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # torch.compile for the training steps only; kept out of the module tree, so the state dict,
+        # checkpoints and bundles are those of the plain network whatever this is
+        self.compile_net = compile_net
+        self.__dict__["_train_net"] = torch.compile(self.net) if compile_net else self.net
         # What a bundle needs beyond the weights; filled from the data module or a loaded checkpoint.
         self.bundle_info: dict[str, Any] | None = None
         self.run_config: dict[str, Any] | None = None  # the CLI's config for this run, if any
+        # train/loss and the train metric summed on the device (no per-step sync, no per-step self.log)
+        self.register_buffer("_train_sums", torch.zeros(2), persistent=False)  # (loss * n, metric sum)
+        self._train_seen = 0
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """The network's own output ``(B, num_outputs)``: logits, or values / bin logits for regression."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)  # (B, C, H, W) -> (B, num_outputs)
+        net = self.__dict__["_train_net"] if self.training else self.net
+        return net(x)  # (B, C, H, W) -> (B, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x)
@@ -113,7 +122,36 @@ class ImageTask(LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.train_metrics, "train")
+        return self._shared_step(batch, None, "train")
+
+    train_metric: str = "acc"  # train/<name>: the per-sample mean of ``_train_metric_sum``
+
+    def _train_metric_sum(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_train_step(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Accumulate on the device; ``self.log`` only when a logger or the progress bar will read it.
+
+        ``train/loss_step`` is logged on the logger's steps (``log_every_n_steps``) and when the
+        progress bar refreshes; ``train/loss_epoch`` and ``train/<metric>`` at the epoch's last batch.
+        """
+        n = len(y)
+        self._train_sums[0].add_(loss.detach().float() * n)
+        self._train_sums[1].add_(self._train_metric_sum(out.detach(), y))
+        self._train_seen += n
+        trainer = self.trainer
+        bar = trainer.progress_bar_callback
+        if trainer._logger_connector.should_update_logs or getattr(bar, "refresh_due", True):
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._train_seen:
+            loss_mean, metric_mean = self._train_sums / self._train_seen
+            kw = {"on_step": False, "on_epoch": True, "prog_bar": True, "sync_dist": True, "batch_size": 1}
+            self.log("train/loss_epoch", loss_mean, **kw)
+            self.log(f"train/{self.train_metric}", metric_mean, **kw)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums.zero_()
+        self._train_seen = 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, self.val_metrics, "val")
@@ -175,7 +213,9 @@ class ImageTask(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("svertka") or {}
-        info = {k: meta[k] for k in ("task", "class_names", "target", "preprocess") if k in meta}
+        info = {
+            k: meta[k] for k in ("task", "class_names", "target", "preprocess", "faces", "augmentation") if k in meta
+        }
         if info and self.bundle_info is None:
             self.bundle_info = info
         if meta.get("config") and not self.run_config:
@@ -202,6 +242,7 @@ class ImageClassifier(ImageTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         label_smoothing: float = 0.0,
         tta_hflip: bool = False,
     ) -> None:
@@ -214,6 +255,7 @@ class ImageClassifier(ImageTask):
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            compile_net=compile_net,
             tta_hflip=tta_hflip,
         )
         if not 0.0 <= label_smoothing < 1.0:
@@ -226,8 +268,6 @@ class ImageClassifier(ImageTask):
         }
         if n > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes=n, top_k=5, average="micro")
-        train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.train_metrics = MetricCollection({"acc": train_acc}, prefix="train/")
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_confmat = MulticlassConfusionMatrix(num_classes=n)
@@ -238,14 +278,19 @@ class ImageClassifier(ImageTask):
         logits = self(x)  # (B, N)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         # val/test score what a bundle would predict (probabilities, with test-time augmentation)
-        scores = logits if stage == "train" else heads.predict(self.raw, x, "classification", tta=self.tta, raw=logits)
+        if stage == "train":
+            self._log_train_step(loss, logits, y)
+            return loss
+        scores = heads.predict(self.raw, x, "classification", tta=self.tta, raw=logits)
         metrics.update(scores, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
         if stage == "test":
             self.test_confmat.update(scores, y)
         return loss
+
+    def _train_metric_sum(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out.argmax(-1) == y).sum()  # correct predictions
 
     def on_test_epoch_end(self) -> None:
         self.test_confusion_matrix = self.test_confmat.compute().cpu()  # synced across processes
@@ -294,6 +339,7 @@ class AgeRegressor(ImageTask):
 
     monitor = "val/mae"
     monitor_mode = "min"
+    train_metric = "mae"
 
     def __init__(
         self,
@@ -305,6 +351,7 @@ class AgeRegressor(ImageTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Interval = "epoch",
         channels_last: bool = False,
+        compile_net: bool = False,
         loss: Literal["l1", "mse", "smooth_l1"] = "l1",
         target: dict | None = None,
         head: Literal["linear", "distribution"] = "linear",
@@ -331,6 +378,7 @@ class AgeRegressor(ImageTask):
             lr_scheduler=lr_scheduler,
             scheduler_interval=scheduler_interval,
             channels_last=channels_last,
+            compile_net=compile_net,
             tta_hflip=tta_hflip,
         )
         losses = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
@@ -347,7 +395,6 @@ class AgeRegressor(ImageTask):
             "rmse": MeanSquaredError(squared=False),
             "cs5": CumulativeScore(5.0),
         }
-        self.train_metrics = MetricCollection({"mae": MeanAbsoluteError()}, prefix="train/")
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_preds, self.test_targets = CatMetric(), CatMetric()
@@ -384,6 +431,9 @@ class AgeRegressor(ImageTask):
             meta["target"] = {**meta["target"], "bins": self.bins.tolist()}
         return meta
 
+    def _train_metric_sum(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out.float() - y).abs().sum()  # absolute errors
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return heads.decode(self.raw(x), "regression", self.bins)  # (B, C, H, W) -> (B,)
 
@@ -402,11 +452,11 @@ class AgeRegressor(ImageTask):
         if self.bins is not None:
             loss = loss + F.cross_entropy(raw.float(), heads.gaussian_targets(y, self.bins, self.label_sigma))
         if stage == "train":
-            pred = out.detach()
-        else:
-            pred = self.clamp(heads.predict(self.raw, x, "regression", self.bins, self.tta, raw=raw))
+            self._log_train_step(loss, out, y)
+            return loss
+        pred = self.clamp(heads.predict(self.raw, x, "regression", self.bins, self.tta, raw=raw))
         metrics.update(pred, y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
         if stage == "test":
             self.test_preds.update(pred)

@@ -1,0 +1,148 @@
+"""HTTP guards in front of the service's APIs: body limit, admission control, strict multipart forms.
+
+    Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=20 * 2**20)
+    Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)
+
+    @strict_multipart
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, ...) -> dict: ...
+
+Every refusal is JSON ``{"error": reason}``: 413 for a body over the limit, 503 with
+``Retry-After`` when a worker already holds ``max_in_flight`` requests, 400 for anything that is
+not a well-formed multipart form with file parts where files belong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})  # never refused: probes must see a busy worker
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one shape of every refusal: ``{"error": reason}``."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with a 413 JSON answer (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        reason = f"request body is over the limit of {self.max_bytes} bytes (SVERTKA_MAX_BODY_BYTES)"
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error(413, reason)(scope, receive, send)
+        seen, too_big, started = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, too_big
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_big = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_big:
+                return  # whatever the app says about a cut-off body is replaced by the 413
+            started = True
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if too_big and not started:
+            await error(413, reason)(scope, receive, send)
+
+
+class AdmissionMiddleware:
+    """At most ``max_in_flight`` requests at once in this worker; past it a 503 with ``Retry-After``, at once.
+
+    The refusal comes before anything parses the body, so overload costs almost nothing and every queue
+    behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1, drain_bytes: int = 32 << 20) -> None:
+        self.app, self.max_in_flight, self.drain_bytes = app, max_in_flight, drain_bytes
+        self.in_flight = 0
+        self.refused = 0
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            self.refused += 1
+            reason = (
+                f"server busy: this worker already holds {self.in_flight} requests (SVERTKA_MAX_IN_FLIGHT); retry later"
+            )
+            await self._drain(receive)
+            return await error(503, reason, self.headers)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop the body (up to ``drain_bytes``): a server that closes on unread data resets the
+        connection, and the client would never see the 503."""
+        seen = 0
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            seen += len(message.get("body", b""))
+
+
+def _form_error(field: str, message: str) -> Exception:
+    """A pydantic ValidationError: BentoML answers it with 400 ``{"error": ..., "detail": [{"loc", "msg"}]}``."""
+    from pydantic_core import PydanticCustomError, ValidationError
+
+    return ValidationError.from_exception_data(
+        "Input", [{"type": PydanticCustomError("bad_form", message), "loc": (field,), "input": None}]
+    )
+
+
+def strict_multipart(api: Any) -> Any:
+    """Make a ``@bentoml.api`` method accept only a well-formed multipart form: a 400, not a 500, otherwise.
+
+    BentoML 1.4 alone would fetch a URL given as text in a file field, and answer 500 to a file
+    part in a text field, to a malformed multipart body or to a JSON body with bad syntax. It has
+    no public hook for request parsing, so this subclasses the API's input spec (its
+    ``from_http_request`` classmethod) and checks the form before the spec reads it.
+    """
+    base = api.input_spec
+
+    async def from_http_request(cls: type, request: Request, serde: Any) -> Any:
+        if not cls.model_fields:  # no inputs (POST /models): ignore whatever body came
+            return cls()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            got = ctype or "no Content-Type"
+            raise _form_error("body", f"send multipart/form-data with an 'image' file part, got {got}")
+        try:
+            form = await request.form()
+        except Exception as e:  # starlette's MultiPartException / HTTPException
+            raise _form_error("body", f"malformed multipart/form-data body ({getattr(e, 'detail', e)})") from None
+        for key, value in form.multi_items():
+            is_file = not isinstance(value, str)
+            if key in cls.multipart_fields and not is_file:
+                raise _form_error(key, f"'{key}' must be a file part (curl -F {key}=@FILE), not text")
+            if key not in cls.multipart_fields and is_file:
+                raise _form_error(key, f"'{key}' must be a text field, not a file")
+        return await super(strict, cls).from_http_request(request, serde)  # starlette caches the parsed form
+
+    strict = type(base.__name__, (base,), {"from_http_request": classmethod(from_http_request)})
+    api.input_spec = strict
+    return api

@@ -1,0 +1,106 @@
+"""The HTTP guards and the connection balancer as ASGI middleware, in process (the real server: test_serving.py).
+
+pytest tests/test_guards.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import bentoml
+import pytest
+
+from serving.balance import ConnectionBalancer
+from serving.guards import AdmissionMiddleware
+from serving.settings import Settings, SettingsError
+
+
+def http_scope(path: str = "/classify", client: tuple[str, int] = ("127.0.0.1", 5000)) -> dict:
+    return {"type": "http", "path": path, "method": "POST", "headers": [], "client": client, "server": ("h", 1)}
+
+
+async def call(app, scope: dict, body: bytes = b"x" * 10) -> tuple[int, dict, bytes]:
+    """Run one request through ``app``: (status, headers, body)."""
+    chunks = [{"type": "http.request", "body": body[:5], "more_body": True},
+              {"type": "http.request", "body": body[5:], "more_body": False}]  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_admission_refuses_past_the_limit_with_retry_after() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> list[tuple[int, dict, bytes]]:
+        guard = AdmissionMiddleware(slow_app, max_in_flight=2)
+        held = [asyncio.create_task(call(guard, http_scope())) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        refused = await call(guard, http_scope())  # answers at once, while two are held
+        probe = asyncio.create_task(call(guard, http_scope("/readyz")))  # probes are never refused
+        release.set()
+        done = await asyncio.gather(*held, probe)
+        assert guard.in_flight == 0 and guard.refused == 1
+        return [refused, *done, await call(guard, http_scope())]
+
+    refused, *served = asyncio.run(main())
+    assert refused[0] == 503 and refused[1]["retry-after"] == "1"
+    assert "SVERTKA_MAX_IN_FLIGHT" in json.loads(refused[2])["error"]
+    assert [s[0] for s in served] == [200, 200, 200, 200]
+
+
+def test_balancer_closes_a_connection_only_when_this_worker_holds_more_than_its_share(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    monkeypatch.setattr(bentoml.server_context, "worker_index", 1)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+
+    async def main() -> list[str | None]:
+        balancer = ConnectionBalancer(app, workers=2, cooldown_s=0.0)
+        closes = []
+        for port in range(6):  # connections 1..6 here, none on worker 2: share ceil(n / 2), plus 1 slack
+            _, headers, _ = await call(balancer, http_scope(client=("127.0.0.1", 6000 + port)))
+            closes.append(headers.get("connection"))
+        assert len(balancer.last_seen) == 3 and balancer.closed == 3  # each closed one is forgotten
+        balancer.slots[1] = 8  # worker 2 now holds 8: this one is under its share, nothing to shed
+        _, headers, _ = await call(balancer, http_scope(client=("127.0.0.1", 6001)))
+        closes.append(headers.get("connection"))
+        return closes
+
+    closes = asyncio.run(main())
+    assert closes[:3] == ["keep-alive"] * 3  # 3 <= ceil(3 / 2) + 1
+    assert closes[3:6] == ["close"] * 3  # 4 > ceil(4 / 2) + 1: the client reconnects, maybe to the other worker
+    assert closes[6] == "keep-alive"
+
+
+def test_settings_parse_once_with_one_clear_error() -> None:
+    s = Settings.from_env({"SVERTKA_MODELS": "a, b:v1,a", "SVERTKA_WORKERS": "2", "SVERTKA_DEVICE": "cpu"})
+    assert s.models == ("a:latest", "b:v1") and s.workers == 2 and s.max_in_flight == 64
+    for env, words in [
+        ({"SVERTKA_WORKERS": "two"}, "SVERTKA_WORKERS='two' is not an integer"),
+        ({"SVERTKA_MAX_IN_FLIGHT": "0"}, "SVERTKA_MAX_IN_FLIGHT=0 must be at least 1"),
+        ({"SVERTKA_MODELS": " , "}, "SVERTKA_MODELS names no model"),
+    ]:
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env({**env, "SVERTKA_DEVICE": "cpu"})

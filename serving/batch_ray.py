@@ -5,11 +5,13 @@
         --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows: reading, decoding
-and preprocessing (for a face model also detecting and aligning each face) run as parallel Ray
-tasks (``decode_batch``), the forward runs in a pool of
-``--workers`` actors (``Forward``), each holding one ``serving.predictor.Predictor`` and building
-its rows with ``serving.batch.build_rows``/``to_table``, so both engines write the same columns.
+calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
+reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
+PIL only, so those workers start without torch; for a face model also detecting and aligning each
+face with ``models.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
+and the forward run in a pool of ``--workers`` actors (``Forward``), each holding one
+``serving.predictor.Predictor`` and building its rows with ``serving.batch.build_rows``/``to_table``,
+so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
 it; the input files must be readable at the same path on every node (a shared file system).
 
@@ -37,27 +39,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 
+from data.imagefile import ImageError
+from data.preprocess import normalize_ops
 from models.bundle import META_FILE, WEIGHTS_FILE
 from serving.batch import (
     FatalError,
     build_rows,
     error_counts,
     is_dataset,
-    load_one,
     remove,
     temp_name,
     to_table,
     write_outputs,
 )
-from serving.predictor import ImageLoader, Predictor
+from serving.batch_decode import decode_files
+from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block: a decoding task reads this many batches
-DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (a worker with torch: ~400 MB)
+DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (its batches of decoded images)
 
 
 @dataclass(frozen=True)
@@ -68,35 +73,6 @@ class RayOptions:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
-) -> dict[str, np.ndarray]:
-    """A Ray task: read, decode and preprocess files (a face model: detect and align each face too).
-
-    Per file: ``x`` its inputs ``(K, C, h, w)`` float32 (K faces, or 1: the whole image; 0 if bad or
-    faceless), ``box`` ``(K, 4)``, ``score`` ``(K,)`` (NaN: none) and ``error`` ('' if ok).
-    """
-    torch.set_num_threads(1)
-    c, (h, w) = loader.spec.channels, loader.spec.input_size
-    xs, boxes, scores, errors = [], [], [], []
-    for file in batch["file"]:
-        prep, err = load_one(loader, str(file), max_faces, detect)
-        faces = prep.faces if prep is not None else []
-        xs.append(prep.inputs.numpy() if prep is not None else np.zeros((0, c, h, w), np.float32))
-        boxes.append(np.asarray([f["box"] for f in faces], np.int64).reshape(-1, 4))
-        scores.append(np.asarray([np.nan if f["score"] is None else f["score"] for f in faces], np.float64))
-        errors.append(err or "")
-    return {"path": batch["path"], "x": _ragged(xs), "box": _ragged(boxes), "score": _ragged(scores),
-            "error": np.asarray(errors, dtype=object)}  # fmt: skip
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """One array per file (their first dimensions differ) as an object column Ray Data can carry."""
-    column = np.empty(len(arrays), dtype=object)
-    column[:] = arrays
-    return column
 
 
 class Forward:
@@ -115,21 +91,30 @@ class Forward:
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
+        self.loader = self.predictor.loader.preprocess
+        normalize = A.Compose(normalize_ops(self.predictor.spec))
+        self.normalize = lambda image: normalize(image=image)["image"].float()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        xs = [np.asarray(x, np.float32) for x in batch["x"]]  # per file: (K, C, h, w)
-        good = [x for x, err in zip(xs, batch["error"], strict=True) if err == "" and len(x)]
-        out = self.predictor.predict_tensors(torch.from_numpy(np.concatenate(good))) if good else None
+        errors = [str(e) or None for e in batch["error"]]
+        inputs: dict[int, torch.Tensor] = {}  # per good file: its inputs (K, C, h, w), K faces or 1 image
+        for j, (images, resized) in enumerate(zip(batch["images"], batch["resized"], strict=True)):
+            if errors[j] is None and len(images):
+                try:  # the bundle's preprocessing (its resize already done for a large image)
+                    prep = self.normalize if resized else self.loader
+                    inputs[j] = torch.stack([prep(np.asarray(image)) for image in images])
+                except ImageError as e:
+                    errors[j] = str(e)
+        out = self.predictor.predict_tensors(torch.cat(list(inputs.values()))) if inputs else None
         rows, at = [], 0
         for j, path in enumerate(batch["path"]):
-            err = batch["error"][j] or None
-            n = len(xs[j]) if err is None else 0
-            outputs = None if err is not None else out[at : at + n] if n else torch.zeros(0)
+            n = len(inputs[j]) if j in inputs else 0
+            outputs = None if errors[j] is not None else out[at : at + n] if n else torch.zeros(0)
             faces = [
                 {"box": [int(v) for v in box], "score": None if np.isnan(score) else float(score)}
                 for box, score in zip(np.asarray(batch["box"][j]).reshape(-1, 4), batch["score"][j], strict=True)
             ]
-            rows += build_rows(self.predictor, str(path), outputs, err, self.top_k, faces)
+            rows += build_rows(self.predictor, str(path), outputs, errors[j], self.top_k, faces)
             at += n
         return to_table(rows, self.predictor, self.top_k)
 
@@ -200,17 +185,22 @@ def pipeline(
     ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    files = pd.DataFrame({"file": [str(p.resolve()) for p in paths], "path": list(shown)})
-    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * (os.cpu_count() or 1))))
+    items = [{"file": str(p.resolve()), "path": s} for p, s in zip(paths, shown, strict=True)]
+    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * (os.cpu_count() or 1))))
     per_block = max(1, per_block)  # big jobs: a few batches per decoding task; small ones: still parallel
-    blocks = [files.iloc[i : i + per_block] for i in range(0, len(files), per_block)]
     threads = max(1, int(opts.cpus_per_worker))
     return (
-        ray.data.from_pandas(blocks)
+        # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
+        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
         .map_batches(
-            decode_batch,
+            decode_files,
             batch_size=batch_size,
-            fn_kwargs={"loader": predictor.loader, "max_faces": max_faces, "detect": detect},
+            fn_kwargs={
+                "spec": predictor.spec.to_dict(),
+                "max_pixels": predictor.max_pixels,
+                "aligner": predictor.loader.aligner if detect else None,
+                "max_faces": max_faces,
+            },
             num_cpus=1,
             # A memory request of their own also keeps Ray Data from fusing the decoding into the
             # actors (it fuses a task into an actor pool with the same resources): decoding stays

@@ -56,6 +56,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         arr = rng.integers(0, 256, (24 + i % 7, 30, 3), dtype=np.uint8)
         img = Image.fromarray(arr).convert(["RGB", "L", "RGBA"][i % 3])
         img.save(images / ("sub" if i % 2 else "") / f"img{i:02d}.{'jpg' if img.mode != 'RGBA' else 'png'}")
+    # over serving.batch_decode.RESIZE_ABOVE pixels: resized in the decoding task, normalized in the actor
+    big = np.linspace(0, 255, 1100 * 1000 * 3).reshape(1000, 1100, 3).astype(np.uint8)
+    Image.fromarray(big).save(images / "sub" / "large.jpg")
     (images / "corrupt.png").write_bytes(b"this is not a png")
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -95,7 +98,7 @@ def test_same_rows_as_the_local_engine(ray_session: None, setup: dict, tmp_path:
         assert run(*common, "--output", ours, "--output", f"{folder}/", "--engine", "ray") == 0
         expected = pd.read_csv(local)
         table = pd.read_parquet(ours)
-        assert len(table) == 32 and table["error"].notna().sum() == 2
+        assert len(table) == 33 and table["error"].notna().sum() == 2
         assert_same_rows(table, expected)
         assert_same_rows(pd.read_parquet(folder), expected)  # the dataset folder holds the same rows, in order
         errors = dict(zip(table["path"].map(lambda p: Path(p).name), table["error"], strict=True))
@@ -132,6 +135,10 @@ def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tm
     Image.fromarray(np.concatenate([img, img[:, ::-1]], axis=1)).save(photos / "two.png")
     Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(photos / "blank.png")
     (photos / "text.jpg").write_text("not an image")
+    # over serving.batch_decode.RESIZE_ABOVE pixels: detected at full size, so its box is in the photo's pixels
+    canvas = np.full((1000, 1100, 3), 90, np.uint8)
+    canvas[300 : 300 + img.shape[0], 400 : 400 + img.shape[1]] = img
+    Image.fromarray(canvas).save(photos / "big.png")
     common = ["--model", face_bundle(tmp_path / "b"), "--input", photos, "--batch-size", "2"]
     local, ours = tmp_path / "local.csv", tmp_path / "ray.csv"
     assert run(*common, "--output", local, "--workers", "0") == 0
@@ -139,9 +146,13 @@ def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tm
     expected, table = pd.read_csv(local), pd.read_csv(ours)
     assert list(table.columns) == ["path", "face", "box_x0", "box_y0", "box_x1", "box_y1", "face_score", "age", "error"]
     names = table["path"].map(lambda p: Path(p).name).tolist()
-    assert names == ["blank.png", "one.jpg", "text.jpg", "two.png", "two.png"]
-    assert table["error"].iloc[0] == "no face found" and "not a recognized image" in table["error"].iloc[2]
-    assert table["face"].tolist()[3:] == [0, 1] and table["face_score"].iloc[1] > 0
+    assert names == ["big.png", "blank.png", "one.jpg", "text.jpg", "two.png", "two.png"]
+    assert table["error"].iloc[1] == "no face found" and "not a recognized image" in table["error"].iloc[3]
+    assert table["face"].tolist()[4:] == [0, 1] and table["face_score"].iloc[2] > 0
+    big, one = table.iloc[0], table.iloc[2]  # the same face, 400 px right and 300 px down
+    assert [big["box_x0"] - 400, big["box_y0"] - 300, big["box_x1"] - 400, big["box_y1"] - 300] == pytest.approx(
+        [one["box_x0"], one["box_y0"], one["box_x1"], one["box_y1"]], abs=4
+    )
     assert_same_rows(table, expected)
 
 
@@ -241,7 +252,7 @@ def test_failed_or_interrupted_job_leaves_no_output(
     parts = sorted(folder.glob("part-*.parquet"))
     assert len(parts) > 1 and all(len(pd.read_parquet(p)) >= 4 for p in parts[:-1])
     assert pd.concat([pd.read_parquet(p) for p in parts])["path"].tolist() == pd.read_csv(out)["path"].tolist()
-    assert len(pd.read_csv(out)) == 32
+    assert len(pd.read_csv(out)) == 33
     assert run(*args) == 1  # the dataset folder exists now: refused, not overwritten
 
 
@@ -270,8 +281,8 @@ def test_ray_engine_from_the_command_line(setup: dict, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = r.stderr.strip().splitlines()[-1]
-    assert summary.startswith(f"wrote 32 rows to {out}: 30 predicted, 2 unreadable;") and "files/s" in summary
-    assert len(pd.read_csv(out)) == 32
+    assert summary.startswith(f"wrote 33 rows to {out}: 31 predicted, 2 unreadable;") and "files/s" in summary
+    assert len(pd.read_csv(out)) == 33
 
 
 def _closed_port() -> int:

@@ -78,6 +78,18 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, dict[
     return status, body, headers
 
 
+def record(out: dict, t0: float, t1: float, t_record: float, error: str | None) -> None:
+    """Count one answer; past the warm-up, keep its latency and its error kind (with one sample)."""
+    out["all"] += 1
+    if t0 >= t_record:
+        out["latency"].append(t1 - t0)
+        out["end"] = max(out["end"], t1)
+        if error:
+            kind = error.split(":")[0]
+            out["errors"][kind] += 1
+            out["samples"].setdefault(kind, error)
+
+
 async def client(
     i: int, host: str, port: int, requests: list[bytes], t_record: float, t_end: float, timeout: float, out: dict
 ) -> None:
@@ -105,14 +117,7 @@ async def client(
             conn = None
             if not isinstance(e, asyncio.TimeoutError):
                 await asyncio.sleep(0.05)  # a refused connection must not spin
-        t1 = time.perf_counter()
-        out["all"] += 1
-        if t0 >= t_record:
-            out["latency"].append(t1 - t0)
-            out["end"] = max(out["end"], t1)
-            if error:
-                out["errors"][error.split(":")[0]] += 1
-                out["samples"].setdefault(error.split(":")[0], error)
+        record(out, t0, time.perf_counter(), t_record, error)
     if conn is not None:
         conn[1].close()
 
@@ -145,14 +150,7 @@ async def httpx_client(
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"[:200]
             await asyncio.sleep(0.05)
-        t1 = time.perf_counter()
-        out["all"] += 1
-        if t0 >= t_record:
-            out["latency"].append(t1 - t0)
-            out["end"] = max(out["end"], t1)
-            if error:
-                out["errors"][error.split(":")[0]] += 1
-                out["samples"].setdefault(error.split(":")[0], error)
+        record(out, t0, time.perf_counter(), t_record, error)
 
 
 async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple[str, bytes]]) -> dict:

@@ -16,7 +16,6 @@ registry's builder names in its signature, ``weights`` is refused (the weights a
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -35,6 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from data.preprocess import PreprocessSpec
+from models.faces import sha256_file
 from models.heads import check_tta
 
 FORMAT_VERSION = 1
@@ -166,14 +166,6 @@ def _check_faces(faces: Any) -> dict[str, Any] | None:
         raise BundleError(f"invalid 'faces' entry: {e}") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import torchvision
 
@@ -242,7 +234,7 @@ def save_bundle(
             training_config=_jsonable(training_config or {}),
             augmentation=_jsonable(augmentation) if augmentation else None,
             versions=_versions(),
-            weights_sha256=_sha256(tmp / WEIGHTS_FILE),
+            weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
@@ -326,7 +318,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[n
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: not a bundle ({WEIGHTS_FILE} is missing)")
-    if _sha256(weights) != meta.weights_sha256:
+    if sha256_file(weights) != meta.weights_sha256:
         raise BundleError(f"{weights}: sha256 does not match bundle.json (corrupt or truncated weights)")
     name, kwargs = meta.architecture["name"], meta.architecture["kwargs"]
     try:

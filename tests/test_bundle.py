@@ -18,7 +18,8 @@ from torch import nn
 
 from data.preprocess import PreprocessSpec
 from models import get_model, get_model_builder, list_models
-from models.bundle import META_FILE, WEIGHTS_FILE, BundleError, _sha256, load_bundle, read_meta, save_bundle
+from models.bundle import META_FILE, WEIGHTS_FILE, BundleError, load_bundle, read_meta, save_bundle
+from models.faces import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIC = [n for n in list_models() if get_model_builder(n).__module__ == "models.classic"]
@@ -60,7 +61,7 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     assert not loaded.training
     assert meta.architecture == {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}}
     assert meta.class_names == CLASSES and meta.num_outputs == 3 and meta.preprocess == SPEC
-    assert meta.metrics == {"val_acc": 0.5} and meta.weights_sha256 == _sha256(out / WEIGHTS_FILE)
+    assert meta.metrics == {"val_acc": 0.5} and meta.weights_sha256 == sha256_file(out / WEIGHTS_FILE)
 
 
 def test_round_trip_in_a_fresh_process_without_lightning(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ def test_truncated_weights_fail_the_sha_check(bundle: Path) -> None:
 def test_truncated_weights_with_a_matching_sha(bundle: Path) -> None:
     weights = bundle / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-100])
-    _set_meta(bundle, weights_sha256=_sha256(weights))
+    _set_meta(bundle, weights_sha256=sha256_file(weights))
     with pytest.raises(BundleError, match=r"model\.safetensors: weights do not match architecture 'lenet5'"):
         load_bundle(bundle)
 
@@ -144,7 +145,7 @@ def test_sha_mismatch(bundle: Path) -> None:
 def test_weights_of_another_architecture(bundle: Path) -> None:
     weights = bundle / WEIGHTS_FILE
     save_model(get_model("simple_cnn", in_channels=1, num_outputs=3), str(weights))
-    _set_meta(bundle, weights_sha256=_sha256(weights))  # bundle.json still says lenet5
+    _set_meta(bundle, weights_sha256=sha256_file(weights))  # bundle.json still says lenet5
     with pytest.raises(BundleError, match=r"model\.safetensors: weights do not match architecture 'lenet5'"):
         load_bundle(bundle)
 

@@ -15,7 +15,8 @@ Printed per repeat (a fresh scene seed each): the share of scenes whose face was
 detection whose centre lies in the pasted chip), the MAE over found faces, the MAE on the chips
 (all of them, and the found ones), their difference; and the time per 640x480 scene of detect +
 align (one thread) against the baseline's decode-free preprocess + forward of a chip. A bundle
-without a ``faces`` entry is read with ``--size``/``--padding`` (UTKFace's 200 / 0.25).
+without a ``faces`` entry is read with ``--size``/``--padding``; ``--framing utkface|padding`` overrides
+the bundle's framing, to compare framings on one model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.preprocess import load_image  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
-from models.faces import DetectSettings, FaceAligner, FaceFraming  # noqa: E402
+from models.faces import UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming  # noqa: E402
 from serving.predictor import Predictor  # noqa: E402
 
 BACKGROUNDS = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field", "horse", "coins", "moon")
@@ -84,7 +85,12 @@ def run(args: argparse.Namespace) -> dict:
 
     cv2.setNumThreads(1)
     net, meta = load_bundle(args.model)
-    framing = FaceFraming.from_dict(meta.faces) if meta.faces else FaceFraming(args.size, args.padding)
+    if args.framing == "utkface":
+        framing = FaceFraming(args.size, points=UTKFACE_POINTS)
+    elif args.framing == "padding" or not meta.faces:
+        framing = FaceFraming(args.size, args.padding)
+    else:
+        framing = FaceFraming.from_dict(meta.faces)
     meta.faces = framing.to_dict()
     settings = DetectSettings(min_face=args.min_face, threshold=args.threshold, lone_threshold=args.lone_threshold)
     pred = Predictor((net, meta), device="cpu", face_settings=settings)
@@ -159,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=0, help="test chips to use (0: the whole test split)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=200, help="chip size when the bundle has no faces entry")
-    p.add_argument("--padding", type=float, default=0.25, help="chip padding when the bundle has no faces entry")
+    p.add_argument(
+        "--framing",
+        choices=("bundle", "utkface", "padding"),
+        default="bundle",
+        help="chips cut as the bundle's faces entry says (default), to UTKFace's measured landmark points, "
+        "or to dlib's template with --padding",
+    )
+    p.add_argument("--size", type=int, default=200, help="chip size when not the bundle's")
+    p.add_argument("--padding", type=float, default=0.25, help="dlib template padding (--framing padding)")
     p.add_argument("--min-face", type=int, default=DetectSettings.min_face)
     p.add_argument("--threshold", type=float, default=DetectSettings.threshold)
     p.add_argument("--lone-threshold", type=float, default=DetectSettings.lone_threshold)

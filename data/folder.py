@@ -26,10 +26,17 @@ from data.base import (
     warn_once,
 )
 from data.cache import decode_cached
-from models.faces import FaceFraming
+from models.faces import UTKFACE_POINTS, FaceFraming
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
+
+
+def face_framing(size: int = 200, padding: float | None = None) -> dict:
+    """A ``faces`` framing: UTKFace's landmark places (the default), or dlib's template with ``padding``."""
+    if padding is None:
+        return FaceFraming(size, points=UTKFACE_POINTS).to_dict()
+    return FaceFraming(size, padding).to_dict()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -60,7 +67,7 @@ class FileDataModule(ImageDataModule):
         super().__init__(*args, **kwargs)
         self.align_faces = align_faces
         if align_faces and not faces:
-            faces = {"size": 200, "padding": 0.25}
+            faces = face_framing()
         self.faces = FaceFraming.from_dict(faces) if faces else None
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
@@ -224,7 +231,8 @@ class CSVDataModule(FileDataModule):
     train/val/test. Classification class names: ``class_names`` if given, else the sorted labels.
     ``align_faces: true``: the files are photos; each one's largest face is aligned once into a
     cached chip (``data.faces``; photos without a face are left out with a warning) and the bundle
-    records the framing (``face_size``, ``face_padding``), so serving detects and aligns the same way.
+    records the framing (``face_size``; UTKFace's landmark places, or dlib's template with
+    ``face_padding`` when it is set), so serving detects and aligns the same way.
     YAML: ``class_path: data.folder.CSVDataModule``, ``init_args: {csv: faces.csv, target_column: age}``
     """
 
@@ -256,7 +264,7 @@ class CSVDataModule(FileDataModule):
         on_bad_image: BadImagePolicy = "skip",
         align_faces: bool = False,
         face_size: int = 200,
-        face_padding: float = 0.25,
+        face_padding: float | None = None,
     ) -> None:
         csv_path = Path(csv)
         if not csv_path.is_absolute() and not csv_path.exists() and root:
@@ -310,7 +318,7 @@ class CSVDataModule(FileDataModule):
             test_fraction=test_fraction,
             on_bad_image=on_bad_image,
             align_faces=align_faces,
-            faces={"size": face_size, "padding": face_padding} if align_faces else None,
+            faces=face_framing(face_size, face_padding) if align_faces else None,
         )
         base = csv_path.parent
         paths = [str(p if Path(p).is_absolute() else base / p) for p in df[path_column].astype(str)]

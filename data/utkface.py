@@ -20,7 +20,7 @@ from typing import Literal
 import pandas as pd
 
 from data.base import Augment, BadImagePolicy, MissingDataError, warn_once
-from data.folder import IMAGE_EXTENSIONS, FileDataModule
+from data.folder import IMAGE_EXTENSIONS, FileDataModule, face_framing
 
 _FIELD = re.compile(r"^\s*(\d+)\s*$")
 
@@ -73,8 +73,9 @@ class UTKFaceDataModule(FileDataModule):
     """Faces -> age (regression), RGB, ``target = {"name": "age", "min": age_min, "max": age_max}``.
 
     ``root`` holds ``UTKFace/`` (or is that folder). y is the age in years (float). UTKFace's files
-    are dlib-aligned chips (5 landmarks, ``face_size`` 200, ``face_padding`` 0.25); the bundle records
-    that framing, so serving detects and aligns faces the same way. Photos named the same way but
+    are dlib-aligned 200x200 chips; the bundle records their framing (the 5 landmarks' measured
+    places, ``models.faces.UTKFACE_POINTS``; or dlib's template with ``face_padding`` when it is
+    set), so serving detects and aligns faces the same way. Photos named the same way but
     not aligned (your own): ``align_faces: true`` aligns each once into the cache (``data.faces``).
     YAML: ``class_path: data.utkface.UTKFaceDataModule``, ``init_args: {input_size: 64, batch_size: 128}``
     """
@@ -104,7 +105,7 @@ class UTKFaceDataModule(FileDataModule):
         age_max: float = 116.0,
         align_faces: bool = False,
         face_size: int = 200,
-        face_padding: float = 0.25,
+        face_padding: float | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -125,7 +126,7 @@ class UTKFaceDataModule(FileDataModule):
             test_fraction=test_fraction,
             on_bad_image=on_bad_image,
             align_faces=align_faces,
-            faces={"size": face_size, "padding": face_padding},  # the files are (or become) dlib-framed chips
+            faces=face_framing(face_size, face_padding),  # the files are (or become) dlib-framed chips
         )
         self.folder = folder
         self.index: pd.DataFrame | None = None

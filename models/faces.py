@@ -1,7 +1,7 @@
 """The face stage: find faces in a photo, place 5 landmarks, cut chips framed like the training data.
 
-    >>> from models.faces import FaceAligner, FaceFraming
-    >>> aligner = FaceAligner(FaceFraming(size=200, padding=0.25))   # UTKFace's framing
+    >>> from models.faces import UTKFACE_POINTS, FaceAligner, FaceFraming
+    >>> aligner = FaceAligner(FaceFraming(size=200, points=UTKFACE_POINTS))   # UTKFace's framing
     >>> faces = aligner(rgb_uint8_array, max_faces=5)                # largest face first
     >>> faces[0].box, faces[0].score, faces[0].landmarks, faces[0].chip.shape   # chip: (200, 200, 3)
 
@@ -10,8 +10,10 @@
 
 Detection is dlib's HOG frontal-face detector (built into the dlib wheel); landmarks are dlib's
 5-point model (``shape_predictor_5_face_landmarks.dat``, Davis King, CC0 / public domain);
-chips come from ``dlib.get_face_chip`` (rotated upright, scaled, ``padding`` times the face's
-size around it), the way UTKFace's "aligned and cropped" faces were made. Used by training
+chips are cut by the similarity transform that puts the 5 landmarks where the training chips
+have them (``FaceFraming``: UTKFace's measured places, ``UTKFACE_POINTS``, or dlib's
+``get_face_chip`` template with a ``padding``), the way UTKFace's "aligned and cropped" faces
+were made. ``python -m models.faces calibrate CHIPS...`` measures those places on any aligned set. Used by training
 (``data.faces``), the HTTP service and the batch script; imports neither Lightning nor ``training``.
 
 Detection settings (``DetectSettings``): ``min_face`` is the smallest face side, in pixels, that
@@ -34,7 +36,7 @@ import hashlib
 import os
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,42 @@ class FaceStageError(RuntimeError):
     """The face stage cannot run here: dlib or the landmark model is missing (one clear line)."""
 
 
+# dlib's 5-point mean face (``get_face_chip_details``), in [0, 1] before padding: eye corners, nose
+DLIB_5_POINT_TEMPLATE = (
+    (0.8595674595992, 0.2134981538014),
+    (0.6460604764104, 0.2289674387677),
+    (0.1205750620789, 0.2137274526848),
+    (0.3340850613712, 0.2290642403242),
+    (0.4901123135679, 0.6277975316475),
+)
+# Where the 5 landmarks sit, on average, in UTKFace's "aligned and cropped" chips (fractions of the
+# chip side), measured on 1,492 training-split chips by
+#   python -m models.faces calibrate "$DATASETS_DIR/UTKFace/*.jpg" --limit 1500
+# UTKFace was aligned on 68 landmarks; dlib's 5-point template with padding 0.25 frames faces ~9%
+# smaller than these chips (closest padding: ~0.19-0.21). Cutting chips to these points is what
+# makes a face found in a photo look like the training chips (docs/RESULTS.md, face parity).
+UTKFACE_POINTS = (
+    (0.7590, 0.2988),
+    (0.6056, 0.3070),
+    (0.2221, 0.2982),
+    (0.3755, 0.3068),
+    (0.4903, 0.5892),
+)
+
+
 @dataclass(frozen=True)
 class FaceFraming:
-    """How a model's training chips were framed: ``get_face_chip(img, shape, size, padding)``.
+    """How a model's training chips were framed: where the 5 landmarks land in a ``size`` chip.
 
-    Recorded in a bundle's ``faces`` entry; serving cuts chips exactly this way.
+    ``points`` (5 ``(x, y)`` fractions of the chip side, in dlib's landmark order) places them
+    exactly (``UTKFACE_POINTS``: UTKFace's chips); without it, dlib's template with ``padding``
+    (``get_face_chip(img, shape, size, padding)``). Recorded in a bundle's ``faces`` entry; serving
+    cuts chips exactly this way.
     """
 
     size: int = 200
     padding: float = 0.25
+    points: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if int(self.size) < 8:
@@ -67,13 +96,32 @@ class FaceFraming:
             raise ValueError(f"face chip padding must be between 0 and 2, got {self.padding}")
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "padding", float(self.padding))
+        if self.points is not None:
+            try:
+                pts = tuple((float(x), float(y)) for x, y in self.points)
+            except (TypeError, ValueError):
+                pts = ()
+            if len(pts) != 5 or not all(0.0 <= v <= 1.0 for p in pts for v in p):
+                raise ValueError(f"face chip points must be 5 [x, y] pairs between 0 and 1, got {self.points!r}")
+            object.__setattr__(self, "points", pts)
+
+    def chip_points(self) -> np.ndarray:
+        """The 5 landmarks' places in the chip, in pixels: ``(5, 2)``."""
+        if self.points is not None:
+            return np.asarray(self.points) * self.size
+        return (self.padding + np.asarray(DLIB_5_POINT_TEMPLATE)) / (2 * self.padding + 1) * self.size
 
     def to_dict(self) -> dict[str, Any]:
-        return {"aligned": True, "landmarks": "dlib_5_point", **asdict(self)}
+        d: dict[str, Any] = {"aligned": True, "landmarks": "dlib_5_point", "size": self.size}
+        if self.points is not None:
+            d["points"] = [list(p) for p in self.points]
+        else:
+            d["padding"] = self.padding
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FaceFraming:
-        return cls(size=d.get("size", 200), padding=d.get("padding", 0.25))
+        return cls(size=d.get("size", 200), padding=d.get("padding", 0.25), points=d.get("points"))
 
 
 @dataclass(frozen=True)
@@ -273,8 +321,14 @@ class FaceAligner:
             x0, y0, x1, y1 = face.box
             parts = d.points([d.point(round(x), round(y)) for x, y in face.landmarks])
             shape = d.full_object_detection(d.rectangle(x0, y0, x1 - 1, y1 - 1), parts)
-        img = arr if arr.ndim == 3 and arr.shape[2] == 3 else np.ascontiguousarray(np.dstack([_gray(arr)] * 3))
-        chip = self._dlib.get_face_chip(img, shape, self.framing.size, self.framing.padding)
+        img = np.ascontiguousarray(arr if arr.ndim == 3 and arr.shape[2] == 3 else np.dstack([_gray(arr)] * 3))
+        d, size = self._dlib, self.framing.size
+        if self.framing.points is None:
+            chip = d.get_face_chip(img, shape, size, self.framing.padding)
+        else:  # the similarity that puts the landmarks on the framing's points (get_face_chip's own fit)
+            chip_pts = d.dpoints([d.dpoint(float(x), float(y)) for x, y in self.framing.chip_points()])
+            img_pts = d.dpoints([d.dpoint(p.x, p.y) for p in shape.parts()])
+            chip = d.extract_image_chip(img, d.chip_details(chip_pts, img_pts, d.chip_dims(size, size)))
         if arr.ndim == 2 or arr.shape[2] == 1:
             chip = chip[:, :, :1]
         return np.ascontiguousarray(chip)
@@ -289,11 +343,40 @@ class FaceAligner:
         return faces
 
 
+def measure_points(chips: list[Path], aligner: FaceAligner) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean and spread of the 5 landmarks' places in already aligned square chips (fractions of the side).
+
+    Each chip is padded by half its side (edge pixels) so the detector sees the whole face; a chip
+    where no face is found is skipped. Returns ``(mean (5, 2), std (5, 2), chips measured)``.
+    """
+    from data.preprocess import ImageError, load_image
+
+    found = []
+    for path in chips:
+        try:
+            chip = load_image(path, channels=3)
+        except ImageError:
+            continue
+        b = chip.shape[0] // 2
+        faces = aligner.detect(np.pad(chip, ((b, b), (b, b), (0, 0)), mode="edge"))
+        if faces:
+            found.append((np.asarray(faces[0].landmarks) - b) / np.asarray([chip.shape[1], chip.shape[0]]))
+    if not found:
+        raise ValueError("no face found in any of the chips")
+    pts = np.stack(found)
+    return pts.mean(0), pts.std(0), len(pts)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m models.faces", description="Fetch the landmark model; find faces.")
-    p.add_argument("photos", nargs="*", help="'fetch', or photos to look for faces in")
+    p.add_argument(
+        "photos",
+        nargs="*",
+        help="'fetch'; 'calibrate' then aligned chips (files or globs) to measure a framing's points; or photos",
+    )
+    p.add_argument("--limit", type=int, default=None, help="calibrate: this many chips, a seeded random sample")
     p.add_argument("--min-face", type=int, default=DetectSettings.min_face)
     p.add_argument("--threshold", type=float, default=DetectSettings.threshold)
     p.add_argument("--lone-threshold", type=float, default=DetectSettings.lone_threshold)
@@ -301,6 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.photos == ["fetch"]:
             print(fetch_landmarks())
+            return 0
+        if args.photos[:1] == ["calibrate"]:
+            import glob
+            import json
+
+            chips = sorted({Path(f) for pat in args.photos[1:] for f in (glob.glob(pat) or [pat])})
+            if args.limit is not None and args.limit < len(chips):
+                pick = np.random.default_rng(0).choice(len(chips), args.limit, replace=False)
+                chips = [chips[i] for i in sorted(pick)]
+            aligner = FaceAligner(settings=DetectSettings(min_face=min(args.min_face, 60)))
+            mean, std, n = measure_points(chips, aligner)
+            print(f"landmarks found in {n} of {len(chips)} chips; spread (std) {np.round(std, 4).tolist()}")
+            print(json.dumps({"points": np.round(mean, 4).tolist()}))
             return 0
         from data.preprocess import ImageError, load_image
 

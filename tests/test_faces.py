@@ -19,7 +19,7 @@ from PIL import Image
 from data.preprocess import PreprocessSpec, preprocess
 from models import get_model
 from models.bundle import BundleError, load_bundle, read_meta, save_bundle
-from models.faces import DetectSettings, FaceAligner, FaceStageError
+from models.faces import DLIB_5_POINT_TEMPLATE, UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming, FaceStageError
 
 # The astronaut's face, read off the photo by eye (512x512): forehead at y~75, chin at y~180,
 # cheeks at x~170 and x~275.
@@ -127,6 +127,45 @@ def test_bundle_faces_entry_round_trip(tmp_path: Path) -> None:
     assert read_meta(face_bundle(tmp_path / "none", None)).faces is None
     with pytest.raises(BundleError, match="padding"):
         face_bundle(tmp_path / "bad", {"size": 100, "padding": -1})
+
+
+def test_bundle_faces_points_round_trip_and_checks(tmp_path: Path) -> None:
+    pts = [[0.75, 0.3], [0.6, 0.3], [0.22, 0.3], [0.37, 0.3], [0.49, 0.59]]
+    b = face_bundle(tmp_path / "b", {"size": 100, "points": pts})
+    assert read_meta(b).faces == {"aligned": True, "landmarks": "dlib_5_point", "size": 100, "points": pts}
+    for bad in (pts[:4], [[0.5, 1.5]] * 5, "utkface"):
+        with pytest.raises(BundleError, match="points"):
+            face_bundle(tmp_path / "bad", {"size": 100, "points": bad})
+
+
+def test_points_framing_cuts_what_get_face_chip_cuts(aligner: FaceAligner) -> None:
+    """Landmark places equal to dlib's template with a padding cut the very chip get_face_chip cuts."""
+    img = astronaut()
+    pad = 0.25
+    pts = (np.asarray(DLIB_5_POINT_TEMPLATE) + pad) / (2 * pad + 1)
+    by_points = FaceAligner(FaceFraming(200, points=pts.tolist()))(img)[0].chip
+    assert np.array_equal(by_points, aligner(img)[0].chip)  # the shipped aligner: padding 0.25
+    utk = FaceAligner(FaceFraming(200, points=UTKFACE_POINTS))(img)[0].chip
+    assert utk.shape == (200, 200, 3) and not np.array_equal(utk, by_points)
+
+
+def test_calibrate_measures_the_framing_chips_were_cut_with(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`python -m models.faces calibrate` on chips cut to UTKFace's points finds those points again."""
+    import json
+
+    from models.faces import main
+
+    img = astronaut()
+    framing = FaceFraming(200, points=UTKFACE_POINTS)
+    for i, flip in enumerate((False, True)):
+        chip = FaceAligner(framing)(img[:, ::-1] if flip else img)[0].chip
+        Image.fromarray(chip).save(tmp_path / f"chip{i}.jpg", quality=95)
+    assert main(["calibrate", str(tmp_path / "*.jpg")]) == 0
+    out = capsys.readouterr().out
+    assert "found in 2 of 2 chips" in out
+    measured = np.asarray(json.loads(out.strip().splitlines()[-1])["points"])
+    assert np.abs(measured - np.asarray(UTKFACE_POINTS)).max() < 0.02  # a few pixels of a 200 px chip
+    assert np.abs(measured - (np.asarray(DLIB_5_POINT_TEMPLATE) + 0.25) / 1.5).max() > 0.015  # not padding 0.25's
 
 
 def test_missing_landmark_model_is_one_clear_error(
@@ -261,7 +300,7 @@ def test_align_faces_data_option(tmp_path: Path) -> None:
     assert n == 6  # the blank photo has no face
     chips = sorted((tmp_path / "cache" / "faces").glob("*.png"))
     assert len(chips) == 6 and Image.open(chips[0]).size == (64, 64)
-    assert dm.bundle_info()["faces"] == {"aligned": True, "landmarks": "dlib_5_point", "size": 64, "padding": 0.25}
+    assert dm.bundle_info()["faces"] == FaceFraming(64, points=UTKFACE_POINTS).to_dict()  # UTKFace's framing
     mtimes = [c.stat().st_mtime_ns for c in chips]
     dm2 = CSVDataModule(**kw)
     with pytest.warns(UserWarning):
@@ -301,7 +340,8 @@ def test_fit_on_unaligned_photos_exports_a_face_bundle(tmp_path: Path, monkeypat
     with pytest.warns(UserWarning, match="align_faces"):
         assert main(args) == 0
     bundle = tmp_path / "out" / "artifacts" / "faces"
-    assert read_meta(bundle).faces == {"aligned": True, "landmarks": "dlib_5_point", "size": 100, "padding": 0.25}
+    assert read_meta(bundle).faces == {"aligned": True, "landmarks": "dlib_5_point", "size": 100,
+                                       "points": [list(p) for p in UTKFACE_POINTS]}  # fmt: skip
     p = Predictor(bundle, device="cpu")
     prep = p.prepare(astronaut())
     assert len(prep.faces) == 1 and 0 <= p.face_results(prep, p.predict_tensors(prep.inputs))[0]["age"] <= 116

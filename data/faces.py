@@ -1,10 +1,10 @@
 """Align raw photos into face chips once (cached), so a model can train on unaligned photos.
 
     from data.faces import align_files
-    chips, errors = align_files(photo_paths, FaceFraming(200, 0.25))   # chip path or None per photo
+    chips, errors = align_files(photo_paths, FaceFraming(200, points=UTKFACE_POINTS))  # path or None each
 
-Each photo's largest face (``models.faces.FaceAligner``: dlib HOG + 5 landmarks +
-``get_face_chip``) is written as a PNG under ``<cache>/faces/``, named by a hash of the photo's
+Each photo's largest face (``models.faces.FaceAligner``: dlib HOG + 5 landmarks + a chip cut
+to the framing) is written as a PNG under ``<cache>/faces/``, named by a hash of the photo's
 path, size, mtime and the framing/detection settings: a second run reads the chips back, a
 changed photo or setting makes new ones. The cache is never inside the data root. Data
 modules use it through ``align_faces: true`` (``data.folder.CSVDataModule``,

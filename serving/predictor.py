@@ -245,7 +245,7 @@ def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> d
         },
         "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
         "tta": list(meta.tta),
-        "faces": meta.faces,  # {"aligned", "size", "padding", ...}: faces are found and aligned first; None: not
+        "faces": meta.faces,  # {"aligned", "size", "points" | "padding"}: faces are found and aligned first; None: not
     }
     if meta.task == "classification":
         out["class_names"] = list(meta.class_names or [])

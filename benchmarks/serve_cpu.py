@@ -3,6 +3,8 @@
     python benchmarks/serve_cpu.py                              # simple_cnn, 1000 requests x (1, 32 clients) x 3
     python benchmarks/serve_cpu.py --models simple_cnn,resnet18 --requests 300 --repeats 3
     python benchmarks/serve_cpu.py --breakdown                  # also each server process's share
+    python benchmarks/serve_cpu.py --variant tracing:SVERTKA_TRACING=1 --variant main@../main
+        # more services beside ours: one with other settings, one from another checkout (its serving/)
 
 Wall-clock requests/s on a shared machine swing with whatever else runs; the CPU time a server
 spends per request hardly does. So this sends a fixed number of requests (``--requests``, from
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from _loadgen import build_request, read_response
 from _serve_common import (
+    REPO,
     SERVE_MODELS,
     BenchError,
     build_bundle,
@@ -45,6 +48,21 @@ from _serve_common import (
 from serve_load import server_specs, write_images
 
 VARIANTS = ("baseline", "service")
+
+
+def parse_variant(raw: str) -> tuple[str, Path | None, dict[str, str]]:
+    """``"name[@DIR][:K=V,K=V]"`` -> (name, checkout to serve from or None, environment overrides)."""
+    head, _, settings = raw.partition(":")
+    name, _, folder = head.partition("@")
+    try:
+        env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    except ValueError:
+        raise BenchError(f"--variant {raw!r}: settings must be K=V,K=V") from None
+    if not name or name in VARIANTS:
+        raise BenchError(f"--variant {raw!r}: give it a name other than {' or '.join(VARIANTS)}")
+    if folder and not (Path(folder) / "serving" / "service.py").is_file():
+        raise BenchError(f"--variant {raw!r}: {folder} holds no serving/service.py")
+    return name, Path(folder).resolve() if folder else None, env
 
 
 def tree_cpu_by_process(pid: int) -> dict[str, float]:
@@ -104,26 +122,30 @@ def bench_model(key: str, args: argparse.Namespace, scratch: Path, root: Path | 
     bundle = build_bundle(m, scratch / "bundles")
     tag = save_bundle_to_bentoml(bundle, f"bench_{key}")
     print(f"{key}: {len(files)} images from {source}; {args.requests} requests per measurement", flush=True)
-    specs = server_specs(bundle, tag)
+    specs = {name: (*server_specs(bundle, tag)[name], None) for name in VARIANTS}
+    for name, folder, overrides in args.variant:
+        cmd, env, ready = server_specs(bundle, tag)["service"]
+        specs[name] = (cmd, {**env, **overrides, **({"PYTHONPATH": str(folder)} if folder else {})}, ready, folder)
+    names = list(specs)
     results: dict[tuple[str, int], list[float]] = {}
     with contextlib.ExitStack() as stack:
         procs = {}
-        for name in VARIANTS:
-            cmd, env, ready = specs[name]
+        for name, (cmd, env, ready, folder) in specs.items():
             port = free_port()
             log = scratch / f"{key}_{name}.log"
-            procs[name] = (stack.enter_context(server([*cmd, str(port)], env, port, ready, log)).pid, port)
+            proc = stack.enter_context(server([*cmd, str(port)], env, port, ready, log, cwd=folder or REPO))
+            procs[name] = (proc.pid, port)
         for name, (pid, port) in procs.items():
             measure(pid, port, requests, max(50, args.requests // 10), args.clients)  # warm-up, not counted
             print(f"  {name}: idle {idle_ms_per_s(pid):.1f} ms CPU per second", flush=True)
         for rep in range(args.repeats):
             for clients in (1, args.clients):
-                for name in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+                for name in names if rep % 2 == 0 else names[::-1]:
                     pid, port = procs[name]
                     before = tree_cpu_by_process(pid) if args.breakdown else {}
                     ms, wall, bad = measure(pid, port, requests, args.requests, clients)
                     results.setdefault((name, clients), []).append(ms)
-                    line = f"  repeat {rep + 1} {name:>8} {clients:>3} clients: {ms:6.2f} ms CPU/request"
+                    line = f"  repeat {rep + 1} {name:>10} {clients:>3} clients: {ms:6.2f} ms CPU/request"
                     print(f"{line}  ({args.requests / wall:6.1f} req/s wall, {bad} non-200)", flush=True)
                     if args.breakdown:
                         after = tree_cpu_by_process(pid)
@@ -131,13 +153,16 @@ def bench_model(key: str, args: argparse.Namespace, scratch: Path, root: Path | 
                         print("      " + ", ".join(f"{k}: {v:.2f}" for k, v in shares.items() if v > 0.005))
     print(f"{key}: median (min-max) server CPU ms per request over {args.repeats} repeats")
     for clients in (1, args.clients):
-        b, s = results[("baseline", clients)], results[("service", clients)]
-        ratio = statistics.median(x / y for x, y in zip(s, b, strict=True))
-        print(
-            f"  {clients:>3} clients: baseline {statistics.median(b):.2f} ({min(b):.2f}-{max(b):.2f}), "
-            f"ours {statistics.median(s):.2f} ({min(s):.2f}-{max(s):.2f}); ours/baseline {ratio:.2f}",
-            flush=True,
-        )
+        b = results[("baseline", clients)]
+        print(f"  {clients:>3} clients: baseline {statistics.median(b):.2f} ({min(b):.2f}-{max(b):.2f})", flush=True)
+        for name in names[1:]:
+            s = results[(name, clients)]
+            ratio = statistics.median(x / y for x, y in zip(s, b, strict=True))
+            print(
+                f"      {name:>10}: {statistics.median(s):.2f} ({min(s):.2f}-{max(s):.2f}); "
+                f"over the baseline {ratio:.2f}",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32, help="concurrent clients of the second measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements of each server, alternating")
     p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[@DIR][:K=V,...]",
+        help="another service to measure: its settings (SVERTKA_...=...) and/or the checkout it is served from",
+    )
     p.add_argument("--breakdown", action="store_true", help="print each server process's CPU ms per request")
     p.add_argument(
         "--torch-threads", type=int, default=None, help="torch threads in every server (default: each its own)"
@@ -154,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         keys = parse_list(args.models, list(SERVE_MODELS), "--models")
+        args.variant = [parse_variant(v) for v in args.variant]
         if args.requests < 1 or args.clients < 1 or args.repeats < 1:
             raise BenchError("--requests, --clients and --repeats must be positive")
         root = data_root(args.data_root)

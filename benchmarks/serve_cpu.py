@@ -125,7 +125,8 @@ def bench_model(key: str, args: argparse.Namespace, scratch: Path, root: Path | 
     specs = {name: (*server_specs(bundle, tag)[name], None) for name in VARIANTS}
     for name, folder, overrides in args.variant:
         cmd, env, ready = server_specs(bundle, tag)["service"]
-        specs[name] = (cmd, {**env, **overrides, **({"PYTHONPATH": str(folder)} if folder else {})}, ready, folder)
+        env = {**env, **({"PYTHONPATH": str(folder)} if folder else {}), **overrides}  # overrides win
+        specs[name] = (cmd, env, ready, folder)
     names = list(specs)
     results: dict[tuple[str, int], list[float]] = {}
     with contextlib.ExitStack() as stack:

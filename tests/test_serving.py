@@ -835,15 +835,22 @@ def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_threa
         for i in range(8):  # one at a time: each its own batch
             assert (await batcher.submit(torch.full((1, 2, 2), float(i)))).equal(torch.full((1, 2, 2), i + 1.0))
         threads["loop"] = [loop_thread]
+        assert (await batcher.submit(torch.zeros(1, 2, 2), alone=True)).equal(torch.ones(1, 2, 2))
 
     with service_module(store, monkeypatch) as service:
         fast = service.Batcher(forward("fast", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5)
         asyncio.run(main(fast))
         slow = service.Batcher(forward("slow", 0.02), max_batch_size=4, wait_ms=0, inline_ms=5)
         asyncio.run(main(slow))
+        # A caller alone in its worker, a forward known to be fast: run in the caller's task, no queue at all.
+        direct = service.Batcher(forward("fast", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5)
+        direct.item_s = 1e-5
+        assert asyncio.run(direct.submit(torch.zeros(1, 2, 2), alone=True)).equal(torch.ones(1, 2, 2))
+        assert direct.queue is None and direct.inline == direct.batches == 1
     assert threads["fast"][0].startswith("forward")  # the first forward's time is unknown: the thread
-    assert threads["fast"][-1] == threads["loop"][0] and fast.inline >= 6  # then measured fast: inline
-    assert all(t.startswith("forward") for t in threads["slow"]) and slow.inline == 0
+    assert threads["fast"][-1] == threads["loop"][0] and fast.inline >= 7  # then measured fast: inline
+    assert all(t.startswith("forward") for t in threads["slow"]) and slow.inline == 0  # alone too: too slow
+    assert len(threads["slow"]) == 9 and len(threads["fast"]) == 10
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

@@ -77,9 +77,11 @@ class Batcher:
 
     Requests are served in arrival order (one FIFO queue); the queue is bounded by the admission
     limit in front of it (``max_queue`` only guards direct use). A batch whose forward is expected
-    (from the measured time per input) to take at most ``inline_ms`` runs on the event loop itself:
+    (from the measured time per input) to take at most ``inline_ms`` runs on the event loop itself
+    when no other request is in flight (``in_flight()``, this worker's count, is at most the batch):
     for a small model the hop to the forward thread and back (a queue, a wake-up of each thread)
-    costs more CPU than the forward.
+    costs more CPU than the forward. With others in flight the forward thread lets the event loop
+    read and decode them meanwhile, and the next batch is larger.
     """
 
     def __init__(
@@ -89,9 +91,10 @@ class Batcher:
         wait_ms: int,
         max_queue: int = 1024,
         inline_ms: float = 0.0,
+        in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.fn, self.max_batch_size, self.wait_s, self.max_queue = fn, max_batch_size, wait_ms / 1000, max_queue
-        self.inline_s = inline_ms / 1000
+        self.inline_s, self.in_flight = inline_ms / 1000, in_flight
         self.item_s = math.inf  # forward seconds per input, measured (a moving average); unknown at first
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
@@ -99,18 +102,8 @@ class Batcher:
         self.batches = self.items = self.inline = 0
         self.running = False  # a batch is being collected or run
 
-    async def submit(self, x: torch.Tensor, alone: bool = False) -> torch.Tensor:
-        """``(C, h, w)`` -> this input's row of ``fn``'s ``(B, ...)`` output.
-
-        ``alone``: the caller knows that no other input can join (its worker holds no other request).
-        If nothing is queued or running and the forward is fast, it then runs here and now, a batch
-        of one, without the trip through the queue (three turns of the event loop).
-        """
-        if alone and not self.running and self.item_s <= self.inline_s and (self.queue is None or self.queue.empty()):
-            self.batches, self.items, self.inline = self.batches + 1, self.items + 1, self.inline + 1
-            out, seconds = self._timed(x[None])  # (1, C, h, w) -> (1, ...)
-            self.item_s = 0.8 * self.item_s + 0.2 * seconds
-            return out[0]
+    async def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """``(C, h, w)`` -> this input's row of ``fn``'s ``(B, ...)`` output."""
         if self.queue is None:  # created lazily: needs the server's running event loop
             self.queue = asyncio.Queue(self.max_queue)
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -144,7 +137,7 @@ class Batcher:
             self.batches, self.items = self.batches + 1, self.items + len(items)
             try:
                 batch = torch.stack([x for x, _ in items])  # (B, C, h, w)
-                if self.item_s * len(batch) <= self.inline_s:
+                if self.item_s * len(batch) <= self.inline_s and self.in_flight() <= len(batch):
                     self.inline += 1
                     out, seconds = self._timed(batch)
                 else:
@@ -168,10 +161,10 @@ class Batcher:
         return out, time.perf_counter() - t0
 
 
-def _alone() -> bool:
-    """Whether this worker holds a single request (the caller's): no other input can join its batch."""
+def _in_flight() -> int:
+    """Requests this worker holds now (decoding, queued or in a forward pass); 0 without admission control."""
     admission = ADMISSION.get("this")
-    return admission is not None and admission.in_flight <= 1
+    return admission.in_flight if admission is not None else 0
 
 
 async def _get_models(request: Request) -> JSONResponse:
@@ -230,7 +223,7 @@ class Svertka:
             forward = ThreadsByLoad(pred.predict_tensors, SETTINGS.torch_threads, SETTINGS.solo_threads)
             s = SETTINGS
             self.batchers[full] = Batcher(
-                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, inline_ms=s.inline_forward_ms
+                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _in_flight
             )
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
@@ -285,7 +278,7 @@ class Svertka:
                 x = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.loader.load_opened, img)
         except ImageError as e:
             return error(400, str(e))
-        out = await self.batchers[tag].submit(x, alone=_alone())
+        out = await self.batchers[tag].submit(x)
         return {**pred.format(out, top_k), "model": tag}
 
     # The APIs return their JSON as a starlette Response: BentoML passes it through as is, which skips
@@ -328,8 +321,7 @@ class Svertka:
                 prep = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.prepare, img, *args)
         except ImageError as e:
             return error(400, str(e))
-        alone = len(prep.inputs) == 1 and _alone()  # several faces: queued together, one batch
-        outs = await asyncio.gather(*(self.batchers[tag].submit(x, alone) for x in prep.inputs))
+        outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
         faces = [
             {"box": r["box"], "score": r["score"], "age": r[pred.target_name]}
             for r in pred.face_results(prep, torch.stack(outs) if outs else torch.zeros(0))

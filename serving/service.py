@@ -11,9 +11,11 @@ The service is thin: every model is a ``serving.predictor.Predictor`` (the batch
 same class). An upload's header is read on the event loop; small images (by pixel count, from
 the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
 face model (detect, align: ``models.faces``). Inputs are queued per model; a
-batcher runs the forward pass in its own thread on whatever has queued up, so concurrent
-requests share one batched forward. Settings: ``serving/settings.py``; HTTP guards (body limit,
-admission control, strict multipart): ``serving/guards.py``. Bad input gets a 4xx JSON
+batcher runs the forward pass on whatever has queued up, so concurrent requests share one batched
+forward (in its own thread, or on the event loop when the forward is fast and no other request is
+in flight). Uploads arrive in memory (``serving.guards.Upload``), not as temporary files.
+Settings: ``serving/settings.py``; HTTP guards (body limit, admission control, strict multipart):
+``serving/guards.py``. Bad input gets a 4xx JSON
 ``{"error": ...}``, overload a 503 with ``Retry-After``, never a 500. With ``SVERTKA_API_TOKEN``
 or ``SVERTKA_API_TOKEN_FILE`` set, everything but the health endpoints needs
 ``Authorization: Bearer <token>`` (``serving/auth.py``).

@@ -165,8 +165,8 @@ def strict_multipart(api: Any) -> Any:
                 raise _form_error(key, f"'{key}' must be a text field, not a file")
         if not all(cls.model_fields[k].annotation is Path for k in cls.multipart_fields):
             return await super(strict, cls).from_http_request(request, serde)  # starlette caches the parsed form
-        # BentoML would copy each upload into a temporary file (created, written, read back, deleted: ~0.3 ms
-        # of CPU per request). Validate with a path in its place instead, then hand the API the bytes.
+        # BentoML would copy each upload into a temporary file (created, written, read back, deleted: 0.6-0.9 ms
+        # of CPU per request, docs/RESULTS.md). Validate with a path in its place instead, then hand the API the bytes.
         data: dict[str, Any] = {}
         uploads: dict[str, Upload] = {}
         for key in form:

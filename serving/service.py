@@ -75,7 +75,7 @@ class ThreadsByLoad:
 
 
 class Batcher:
-    """Collect single inputs into batches for ``fn`` (run in one thread), resolve each caller's future.
+    """Collect single inputs into batches for ``fn``, resolve each caller's future.
 
     Requests are served in arrival order (one FIFO queue); the queue is bounded by the admission
     limit in front of it (``max_queue`` only guards direct use). A batch whose forward is expected
@@ -102,7 +102,6 @@ class Batcher:
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None  # held here: the event loop keeps only a weak reference
         self.batches = self.items = self.inline = 0
-        self.running = False  # a batch is being collected or run
 
     async def submit(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, h, w)`` -> this input's row of ``fn``'s ``(B, ...)`` output."""
@@ -118,7 +117,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
-            self.running = True
             await asyncio.sleep(0)  # let requests that are ready right now join
             deadline = loop.time() + self.wait_s
             while len(items) < self.max_batch_size:
@@ -134,7 +132,6 @@ class Batcher:
                     break
             items = [(x, f) for x, f in items if not f.cancelled()]  # clients that went away
             if not items:
-                self.running = False
                 continue
             self.batches, self.items = self.batches + 1, self.items + len(items)
             try:
@@ -150,9 +147,7 @@ class Batcher:
                 for _, f in items:
                     if not f.done():
                         f.set_exception(e)
-                self.running = False
                 continue
-            self.running = False
             for (_, f), row in zip(items, out, strict=True):
                 if not f.done():
                     f.set_result(row)

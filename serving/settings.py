@@ -122,8 +122,8 @@ class Settings:
             access_log=_int(env, "SVERTKA_ACCESS_LOG", 0) > 0,
             metrics=_int(env, "SVERTKA_METRICS", 0) > 0,
             # BentoML runs every request through OpenTelemetry's ASGI middleware (spans for the request
-            # and each message sent) even at its default sample rate of 0, which records nothing: ~0.3 ms
-            # of CPU per request. Off unless asked for (with a tracing exporter configured).
+            # and each message sent) even at its default sample rate of 0, which records nothing: 0.5-0.7
+            # ms of CPU per request (docs/RESULTS.md). Off unless asked for (with a tracing exporter configured).
             tracing=_int(env, "SVERTKA_TRACING", 0) > 0,
         )
 

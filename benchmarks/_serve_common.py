@@ -205,13 +205,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(
-    cmd: Sequence[str], env: dict[str, str], port: int, ready_path: str, log: Path, timeout: float = 120
+    cmd: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    ready_path: str,
+    log: Path,
+    timeout: float = 120,
+    cwd: Path = REPO,
 ) -> Iterator[subprocess.Popen]:
-    """Run ``cmd`` in its own process group until the block ends; wait until ``GET ready_path`` answers 200."""
+    """Run ``cmd`` (in ``cwd``) in its own process group until the block ends; wait until ``GET ready_path``
+    answers 200."""
     name = " ".join([Path(cmd[0]).name, *(c for c in cmd[1:3] if not c.startswith("-"))])  # e.g. "bentoml serve"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            list(cmd), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + timeout

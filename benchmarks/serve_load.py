@@ -142,22 +142,10 @@ def mean_batch(before: dict[int, dict], after: dict[int, dict]) -> float | None:
     return items / batches if batches else None
 
 
-def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Path | None) -> dict:
-    from models.store import save_bundle_to_bentoml
-
-    files, source = write_images(m, root, scratch, args.images)
-    files_txt = scratch / f"{m.key}_files.txt"
-    files_txt.write_text("\n".join(map(str, files)) + "\n")
-    bundle = build_bundle(m, scratch / "bundles")
-    tag = save_bundle_to_bentoml(bundle, f"bench_{m.key}")
-    console.print(f"[bold]{m.key}[/]: {len(files)} images from {source}; random weights; BentoML model {tag}")
-
-    result: dict = {"images": source, "n_images": len(files), "tag": tag}
-    console.print("  (a) in process ...")
-    result["in_process"] = in_process(bundle, files, args.inproc_seconds)
-
+def server_specs(bundle: Path, tag: str) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    """Each server variant: its command (the port goes last), environment and readiness path."""
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"}
-    servers = {
+    return {
         "baseline": (
             [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "benchmarks"), "_serve_baseline:app"]
             + ["--host", "127.0.0.1", "--workers", "1", "--log-level", "warning", "--no-access-log", "--port"],
@@ -176,7 +164,23 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
             "/readyz",
         ),
     }
-    servers = {k: v for k, v in servers.items() if k in args.variants}
+
+
+def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Path | None) -> dict:
+    from models.store import save_bundle_to_bentoml
+
+    files, source = write_images(m, root, scratch, args.images)
+    files_txt = scratch / f"{m.key}_files.txt"
+    files_txt.write_text("\n".join(map(str, files)) + "\n")
+    bundle = build_bundle(m, scratch / "bundles")
+    tag = save_bundle_to_bentoml(bundle, f"bench_{m.key}")
+    console.print(f"[bold]{m.key}[/]: {len(files)} images from {source}; random weights; BentoML model {tag}")
+
+    result: dict = {"images": source, "n_images": len(files), "tag": tag}
+    console.print("  (a) in process ...")
+    result["in_process"] = in_process(bundle, files, args.inproc_seconds)
+
+    servers = {k: v for k, v in server_specs(bundle, tag).items() if k in args.variants}
     for name, (cmd, server_env, ready) in servers.items():
         port = free_port()
         label = LABELS[name]

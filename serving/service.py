@@ -11,9 +11,11 @@ The service is thin: every model is a ``serving.predictor.Predictor`` (the batch
 same class). An upload's header is read on the event loop; small images (by pixel count, from
 the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
 face model (detect, align: ``models.faces``). Inputs are queued per model; a
-batcher runs the forward pass in its own thread on whatever has queued up, so concurrent
-requests share one batched forward. Settings: ``serving/settings.py``; HTTP guards (body limit,
-admission control, strict multipart): ``serving/guards.py``. Bad input gets a 4xx JSON
+batcher runs the forward pass on whatever has queued up, so concurrent requests share one batched
+forward (in its own thread, or on the event loop when the forward is fast and no other request is
+in flight). Uploads arrive in memory (``serving.guards.Upload``), not as temporary files.
+Settings: ``serving/settings.py``; HTTP guards (body limit, admission control, strict multipart):
+``serving/guards.py``. Bad input gets a 4xx JSON
 ``{"error": ...}``, overload a 503 with ``Retry-After``, never a 500. With ``SVERTKA_API_TOKEN``
 or ``SVERTKA_API_TOKEN_FILE`` set, everything but the health endpoints needs
 ``Authorization: Bearer <token>`` (``serving/auth.py``).
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,20 +75,33 @@ class ThreadsByLoad:
 
 
 class Batcher:
-    """Collect single inputs into batches for ``fn`` (run in one thread), resolve each caller's future.
+    """Collect single inputs into batches for ``fn``, resolve each caller's future.
 
     Requests are served in arrival order (one FIFO queue); the queue is bounded by the admission
-    limit in front of it (``max_queue`` only guards direct use).
+    limit in front of it (``max_queue`` only guards direct use). A batch whose forward is expected
+    (from the measured time per input) to take at most ``inline_ms`` runs on the event loop itself
+    when no other request is in flight (``in_flight()``, this worker's count, is at most the batch):
+    for a small model the hop to the forward thread and back (a queue, a wake-up of each thread)
+    costs more CPU than the forward. With others in flight the forward thread lets the event loop
+    read and decode them meanwhile, and the next batch is larger.
     """
 
     def __init__(
-        self, fn: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int, wait_ms: int, max_queue: int = 1024
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        max_batch_size: int,
+        wait_ms: int,
+        max_queue: int = 1024,
+        inline_ms: float = 0.0,
+        in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.fn, self.max_batch_size, self.wait_s, self.max_queue = fn, max_batch_size, wait_ms / 1000, max_queue
+        self.inline_s, self.in_flight = inline_ms / 1000, in_flight
+        self.item_s = math.inf  # forward seconds per input, measured (a moving average); unknown at first
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None  # held here: the event loop keeps only a weak reference
-        self.batches = self.items = 0
+        self.batches = self.items = self.inline = 0
 
     async def submit(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, h, w)`` -> this input's row of ``fn``'s ``(B, ...)`` output."""
@@ -119,7 +136,13 @@ class Batcher:
             self.batches, self.items = self.batches + 1, self.items + len(items)
             try:
                 batch = torch.stack([x for x, _ in items])  # (B, C, h, w)
-                out = await loop.run_in_executor(self.executor, self.fn, batch)
+                if self.item_s * len(batch) <= self.inline_s and self.in_flight() <= len(batch):
+                    self.inline += 1
+                    out, seconds = self._timed(batch)
+                else:
+                    out, seconds = await loop.run_in_executor(self.executor, self._timed, batch)
+                per_item = seconds / len(batch)
+                self.item_s = per_item if self.item_s == math.inf else 0.8 * self.item_s + 0.2 * per_item
             except Exception as e:  # a bug, not bad input: every caller gets it (a 500)
                 for _, f in items:
                     if not f.done():
@@ -128,6 +151,17 @@ class Batcher:
             for (_, f), row in zip(items, out, strict=True):
                 if not f.done():
                     f.set_result(row)
+
+    def _timed(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        out = self.fn(batch)
+        return out, time.perf_counter() - t0
+
+
+def _in_flight() -> int:
+    """Requests this worker holds now (decoding, queued or in a forward pass); 0 without admission control."""
+    admission = ADMISSION.get("this")
+    return admission.in_flight if admission is not None else 0
 
 
 async def _get_models(request: Request) -> JSONResponse:
@@ -155,6 +189,9 @@ info_app = Starlette(
     traffic={"timeout": 60},
     logging={"access": {"enabled": SETTINGS.access_log}},
     metrics={"enabled": SETTINGS.metrics},
+    # SVERTKA_TRACING=0: every URL is excluded from tracing, so OpenTelemetry's middleware hands each request
+    # straight on (BentoML 1.4 always installs it; excluded_urls is its documented off switch per URL).
+    tracing={} if SETTINGS.tracing else {"excluded_urls": ".*"},
     envs=[{"name": "SVERTKA_MODELS", "value": ",".join(SETTINGS.models)}],
 )
 @bentoml.asgi_app(info_app, path="/")
@@ -182,7 +219,9 @@ class Svertka:
             self.predictors[full] = pred
             forward = ThreadsByLoad(pred.predict_tensors, SETTINGS.torch_threads, SETTINGS.solo_threads)
             s = SETTINGS
-            self.batchers[full] = Batcher(forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight)
+            self.batchers[full] = Batcher(
+                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _in_flight
+            )
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
@@ -198,12 +237,14 @@ class Svertka:
         """This worker's counters: forward batches and their mean size, requests in flight, 503s."""
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
+        inline = sum(b.inline for b in self.batchers.values())
         admission = ADMISSION.get("this")
         return {
             "pid": os.getpid(),
             "batches": batches,
             "batched_requests": items,
             "mean_batch_size": items / batches if batches else None,
+            "inline_batches": inline,
             "in_flight": admission.in_flight if admission else None,
             "refused": admission.refused if admission else None,
             "max_in_flight": SETTINGS.max_in_flight,

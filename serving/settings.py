@@ -18,10 +18,12 @@ exits 1, without a traceback.
     SVERTKA_MAX_BODY_BYTES    largest request body                          (20 MiB)
     SVERTKA_MAX_PIXELS        largest image (width x height), from its header (40 M)
     SVERTKA_INLINE_PIXELS     images up to this many pixels decode on the event loop (65536)
+    SVERTKA_INLINE_FORWARD_MS forward passes expected to take at most this run on the event loop (2)
     SVERTKA_BALANCE           1: even out keep-alive connections across workers (1)
     SVERTKA_DEVICE            cpu, cuda, cuda:1, ...                        (cuda when available)
     SVERTKA_ACCESS_LOG        1: log every request                          (0)
     SVERTKA_METRICS           1: Prometheus metrics at /metrics             (0)
+    SVERTKA_TRACING           1: BentoML's OpenTelemetry middleware on each request (0)
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ class Settings:
     max_body_bytes: int
     max_pixels: int
     inline_pixels: int
+    inline_forward_ms: int
     balance: bool
     device: str | None
     access_log: bool
     metrics: bool
+    tracing: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,12 +113,18 @@ class Settings:
             max_body_bytes=_int(env, "SVERTKA_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1),
             max_pixels=_int(env, "SVERTKA_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
             inline_pixels=_int(env, "SVERTKA_INLINE_PIXELS", 256 * 256),
+            # A small model's forward (simple_cnn: ~0.3 ms) costs less than the hop to a thread and back.
+            inline_forward_ms=_int(env, "SVERTKA_INLINE_FORWARD_MS", 2),
             balance=_int(env, "SVERTKA_BALANCE", 1) > 0,
             device=device,
             # BentoML's per-request access log line and Prometheus metrics cost ~1 ms of CPU per
             # request, 20% of a small model's whole cost: off unless asked for.
             access_log=_int(env, "SVERTKA_ACCESS_LOG", 0) > 0,
             metrics=_int(env, "SVERTKA_METRICS", 0) > 0,
+            # BentoML runs every request through OpenTelemetry's ASGI middleware (spans for the request
+            # and each message sent) even at its default sample rate of 0, which records nothing: 0.5-0.7
+            # ms of CPU per request (docs/RESULTS.md). Off unless asked for (with a tracing exporter configured).
+            tracing=_int(env, "SVERTKA_TRACING", 0) > 0,
         )
 
     def check_models(self) -> None:

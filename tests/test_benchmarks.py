@@ -95,3 +95,39 @@ def test_gpu_benchmarks_say_no_cuda_in_one_line(tmp_path: Path) -> None:
                        text=True, timeout=120)  # fmt: skip
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: no CUDA device here", r.stderr
     assert not (out / "throughput_fp32.txt").exists()
+
+
+def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path: Path) -> None:
+    import serve_cpu
+    from _serve_common import BenchError
+
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                seen.append(await _read_request(reader))
+                close = len(seen) % 4 == 0  # every 4th answer closes the connection, as the balancer does
+                head = f"HTTP/1.1 {200 if len(seen) % 3 else 503} X\r\nContent-Length: 2\r\n"
+                writer.write(head.encode() + (b"Connection: close\r\n" if close else b"") + b"\r\nok")
+                await writer.drain()
+                if close:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def main() -> int:
+        server, port = await _serve(handler)
+        async with server:
+            requests = [_loadgen.build_request("h", "/classify", "image", "a.png", b"PNG", {})]
+            return await serve_cpu.send(port, requests, 12, 3)
+
+    assert asyncio.run(main()) == 4 and len(seen) == 12  # 4 of 12 answers were 503
+    assert serve_cpu.parse_variant("t:SVERTKA_TRACING=1,A=b") == ("t", None, {"SVERTKA_TRACING": "1", "A": "b"})
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "service.py").write_text("")
+    assert serve_cpu.parse_variant(f"old@{tmp_path}") == ("old", tmp_path.resolve(), {})
+    for bad in ("service:A=1", "x:A", f"x@{tmp_path / 'nope'}"):
+        with pytest.raises(BenchError):
+            serve_cpu.parse_variant(bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import bentoml
 import pytest
@@ -104,3 +105,31 @@ def test_settings_parse_once_with_one_clear_error() -> None:
     ]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env({**env, "SVERTKA_DEVICE": "cpu"})
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_strict_multipart_hands_the_upload_in_memory_and_validates_the_rest() -> None:
+    """The API gets the uploaded bytes as an ``Upload`` (no temporary file); text fields are validated as before."""
+    from starlette.testclient import TestClient
+
+    from serving.guards import Upload, strict_multipart
+
+    @bentoml.service(name="echo_upload")
+    class Echo:
+        @strict_multipart
+        @bentoml.api(route="/echo")
+        async def echo(self, image: Path, top_k: int | None = None) -> dict:
+            return {"kind": type(image).__name__, "name": image.name, "size": len(image.read_bytes()), "top_k": top_k}
+
+    data = bytes(range(256)) * 5
+    with TestClient(Echo.to_asgi()) as client:
+        r = client.post("/echo", files={"image": ("../../etc/x.png", data)}, data={"top_k": "3"})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"kind": Upload.__name__, "name": "x.png", "size": len(data), "top_k": 3}
+        r = client.post("/echo", files={"image": ("a.png", data)}, data={"top_k": "three"})
+        assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["top_k"]
+        r = client.post("/echo", data={"top_k": "3"}, files={"other": ("a.png", data)})
+        assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["other"]  # a file where text belongs
+        r = client.post("/echo", files={"top_k": (None, "2")})
+        assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["image"]  # no file at all
+    assert Upload.of("", b"ab").read_bytes() == b"ab" and Upload.of("", b"").name == "upload"

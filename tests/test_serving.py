@@ -814,6 +814,46 @@ def test_batcher_batches_concurrent_inputs(store: dict, monkeypatch: pytest.Monk
     assert sum(sizes) == 40 and max(sizes) == 16 and len(sizes) <= 5
 
 
+def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_thread(
+    store: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+
+    threads: dict[str, list[str]] = {"fast": [], "slow": [], "busy": []}
+
+    def forward(kind: str, seconds: float):
+        def fn(batch: torch.Tensor) -> torch.Tensor:
+            threads[kind].append(threading.current_thread().name)
+            time.sleep(seconds)
+            return batch + 1
+
+        return fn
+
+    async def main(batcher) -> None:
+        loop_thread = threading.current_thread().name
+        for i in range(8):  # one at a time: each its own batch
+            assert (await batcher.submit(torch.full((1, 2, 2), float(i)))).equal(torch.full((1, 2, 2), i + 1.0))
+        threads["loop"] = [loop_thread]
+
+    with service_module(store, monkeypatch) as service:
+        fast = service.Batcher(forward("fast", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5)
+        asyncio.run(main(fast))
+        slow = service.Batcher(forward("slow", 0.02), max_batch_size=4, wait_ms=0, inline_ms=5)
+        asyncio.run(main(slow))
+        # Other requests in flight in the worker: the forward thread, so the loop reads them meanwhile.
+        busy = service.Batcher(forward("busy", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5, in_flight=lambda: 9)
+
+        async def four(batcher) -> list[torch.Tensor]:
+            return [await batcher.submit(torch.zeros(1, 2, 2)) for _ in range(4)]
+
+        assert all(out.equal(torch.ones(1, 2, 2)) for out in asyncio.run(four(busy)))
+        assert busy.inline == 0 and len(threads["busy"]) == 4 and all(t.startswith("forward") for t in threads["busy"])
+    assert threads["fast"][0].startswith("forward")  # the first forward's time is unknown: the thread
+    assert threads["fast"][-1] == threads["loop"][0] and fast.inline >= 6  # then measured fast: inline
+    assert all(t.startswith("forward") for t in threads["slow"]) and slow.inline == 0
+
+
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_service_in_process_through_asgi(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same service class, without a server: Svertka.to_asgi() under Starlette's TestClient."""

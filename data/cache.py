@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,13 @@ def _decode_all(paths: list[str], spec: PreprocessSpec, progress: bool) -> list[
     if len(paths) < POOL_MIN_FILES or workers < 2:
         init_worker(spec)
         return [decode(p) for p in tqdm(paths, **bar)]
-    # spawn, not fork: the parent may hold torch/OpenMP thread pools that a fork would copy broken
-    with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
-        return list(tqdm(pool.imap(decode, paths, chunksize=64), **bar))
+    # spawn, not fork: the parent may hold torch/OpenMP thread pools that a fork would copy broken.
+    # ProcessPoolExecutor, not multiprocessing.Pool: Pool's terminate() on leaving a `with` block hung
+    # for good once (its workers had exited holding the result queue's lock); the executor shuts down
+    # by joining its workers and raises BrokenProcessPool if one dies, instead of waiting forever.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(spec,)) as pool:
+        return list(tqdm(pool.map(decode, paths, chunksize=64), **bar))
 
 
 def decode_cached(

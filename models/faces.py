@@ -13,8 +13,9 @@ Detection is dlib's HOG frontal-face detector (built into the dlib wheel); landm
 chips are cut by the similarity transform that puts the 5 landmarks where the training chips
 have them (``FaceFraming``: UTKFace's measured places, ``UTKFACE_POINTS``, or dlib's
 ``get_face_chip`` template with a ``padding``), the way UTKFace's "aligned and cropped" faces
-were made. ``python -m models.faces calibrate CHIPS...`` measures those places on any aligned set. Used by training
-(``data.faces``), the HTTP service and the batch script; imports neither Lightning nor ``training``.
+were made; ``python -m models.faces calibrate CHIPS...`` measures those places on any aligned
+set. Used by training (``data.faces``), the HTTP service and the batch script; imports neither
+Lightning nor ``training``.
 
 Detection settings (``DetectSettings``): ``min_face`` is the smallest face side, in pixels, that
 is looked for. The HOG window is 80 px, so the photo is scaled by ``80 / min_face`` before
@@ -61,8 +62,9 @@ DLIB_5_POINT_TEMPLATE = (
     (0.4901123135679, 0.6277975316475),
 )
 # Where the 5 landmarks sit, on average, in UTKFace's "aligned and cropped" chips (fractions of the
-# chip side), measured on 1,492 training-split chips by
-#   python -m models.faces calibrate "$DATASETS_DIR/UTKFace/*.jpg" --limit 1500
+# chip side), measured on 1,492 training-split chips (the test split left out) by
+#   python -m data.utkface --root "$DATASETS_DIR" --split train --out /tmp/utk_train
+#   python -m models.faces calibrate "/tmp/utk_train/*.jpg" --limit 1500
 # UTKFace was aligned on 68 landmarks; dlib's 5-point template with padding 0.25 frames faces ~9%
 # smaller than these chips (closest padding: ~0.19-0.21). Cutting chips to these points is what
 # makes a face found in a photo look like the training chips (docs/RESULTS.md, face parity).

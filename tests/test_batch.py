@@ -249,25 +249,20 @@ def test_fatal_errors_one_line_no_output(
         assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 
 
-def test_fatal_error_from_the_command_line(setup: dict, tmp_path: Path) -> None:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving.batch",
-            "--model",
-            str(tmp_path / "nope"),
-            "--input",
-            str(setup["images"]),
-            "--output",
-            str(tmp_path / "out.csv"),
-        ],  # fmt: skip
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    """``python -m serving.batch ARGS`` in a child process (one torch thread), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "serving.batch", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def test_fatal_error_from_the_command_line(setup: dict, tmp_path: Path) -> None:
+    r = run_cli("--model", tmp_path / "nope", "--input", setup["images"], "--output", tmp_path / "out.csv")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: --model {tmp_path / 'nope'}: not a bundle folder"]
     assert not (tmp_path / "out.csv").exists()
@@ -307,14 +302,7 @@ def test_bundle_naming_outside_weights_is_refused(setup: dict, tmp_path: Path, w
     (bad / "bundle.json").write_text(json.dumps(meta))
     out = tmp_path / "out.csv"
     args = ["--model", str(bad), "--input", str(setup["images"]), "--output", str(out), "--workers", "0"]
-    r = subprocess.run(
-        [sys.executable, "-m", "serving.batch", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    r = run_cli(*args)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --model {bad}: "), r.stderr[-2000:]

@@ -126,15 +126,10 @@ def test_csv_input_with_a_missing_file_keeps_its_order(ray_session: None, setup:
 def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tmp_path: Path) -> None:
     """A face bundle: one row per face, a faceless photo's row, broken files' rows; the same as --engine local."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_faces import astronaut, face_bundle
+    from test_faces import astronaut, face_bundle, mixed_photos
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
+    photos = mixed_photos(tmp_path / "photos")
     img = astronaut()
-    Image.fromarray(img).save(photos / "one.jpg", quality=92)
-    Image.fromarray(np.concatenate([img, img[:, ::-1]], axis=1)).save(photos / "two.png")
-    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(photos / "blank.png")
-    (photos / "text.jpg").write_text("not an image")
     # over serving.batch_decode.RESIZE_ABOVE pixels: detected at full size, so its box is in the photo's pixels
     canvas = np.full((1000, 1100, 3), 90, np.uint8)
     canvas[300 : 300 + img.shape[0], 400 : 400 + img.shape[1]] = img

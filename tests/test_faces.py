@@ -210,17 +210,22 @@ def test_predictor_faces_and_no_detect(tmp_path: Path) -> None:
     assert len(p.prepare(two).faces) == 2 and len(p.prepare(two, max_faces=1).faces) == 1
 
 
+def mixed_photos(folder: Path) -> Path:
+    """``folder`` with one.jpg (one face), two.png (two faces), blank.png (none) and text.jpg (not an image)."""
+    folder.mkdir()
+    img = astronaut()
+    Image.fromarray(img).save(folder / "one.jpg", quality=92)
+    Image.fromarray(np.concatenate([img, img[:, ::-1]], axis=1)).save(folder / "two.png")
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(folder / "blank.png")
+    (folder / "text.jpg").write_text("not an image")
+    return folder
+
+
 def test_batch_mixed_folder_rows_per_face(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Faces, no faces, broken files: one row per face, one per faceless or broken file, exit 0."""
     from serving import batch
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    img = astronaut()
-    Image.fromarray(img).save(photos / "one.jpg", quality=92)
-    Image.fromarray(np.concatenate([img, img[:, ::-1]], axis=1)).save(photos / "two.png")
-    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(photos / "blank.png")
-    (photos / "text.jpg").write_text("not an image")
+    photos = mixed_photos(tmp_path / "photos")
     (photos / "cut.jpg").write_bytes((photos / "one.jpg").read_bytes()[:3000])
     b = face_bundle(tmp_path / "b")
     out = tmp_path / "ages.csv"

@@ -59,19 +59,30 @@ class ThreadsByLoad:
     Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
     a lone request would then use one core of an idle machine. The signal is the number of
     requests in flight in this worker (the admission count), not the batch size: under load,
-    small batches are common while many requests wait in decoding. Called in the forward thread.
+    small batches are common while many requests wait in decoding. A forward of one input that
+    takes under ``min_solo_ms`` (measured) stays at ``busy`` threads even alone: waking more
+    threads for it costs more than it saves (simple_cnn, one client: p50 2.1 ms at 2 threads,
+    1.45 ms at 1, docs/RESULTS.md). Called in the forward thread or on the event loop.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int) -> None:
-        self.fn, self.busy, self.solo = fn, busy, solo
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int, min_solo_ms: float = 0.0) -> None:
+        self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
+        self.single_s = math.inf  # seconds of a forward of one input (a moving average); unknown at first
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         admission = ADMISSION.get("this")
-        quiet = len(batch) == 1 and admission is not None and admission.in_flight <= 1
+        single = len(batch) == 1
+        quiet = single and admission is not None and admission.in_flight <= 1 and self.single_s >= self.min_solo_s
         want = self.solo if quiet else self.busy
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
-        return self.fn(batch)
+        if not single:
+            return self.fn(batch)
+        t0 = time.perf_counter()
+        out = self.fn(batch)
+        seconds = time.perf_counter() - t0
+        self.single_s = seconds if self.single_s == math.inf else 0.8 * self.single_s + 0.2 * seconds
+        return out
 
 
 class Batcher:
@@ -102,12 +113,19 @@ class Batcher:
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None  # held here: the event loop keeps only a weak reference
         self.batches = self.items = self.inline = 0
+        self.running = False  # a batch is being collected or computed by _run
 
     async def submit(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, h, w)`` -> this input's row of ``fn``'s ``(B, ...)`` output."""
         if self.queue is None:  # created lazily: needs the server's running event loop
             self.queue = asyncio.Queue(self.max_queue)
             self.task = asyncio.get_running_loop().create_task(self._run())
+        if not self.running and self.queue.empty() and self.item_s <= self.inline_s and self.in_flight() <= 1:
+            # Alone, and the forward is cheap: run it right here (no queue, no wake-up of the batcher task).
+            self.batches, self.items, self.inline = self.batches + 1, self.items + 1, self.inline + 1
+            out, seconds = self._timed(x[None])
+            self.item_s = 0.8 * self.item_s + 0.2 * seconds
+            return out[0]
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
@@ -117,6 +135,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
+            self.running = True
             await asyncio.sleep(0)  # let requests that are ready right now join
             deadline = loop.time() + self.wait_s
             while len(items) < self.max_batch_size:
@@ -132,6 +151,7 @@ class Batcher:
                     break
             items = [(x, f) for x, f in items if not f.cancelled()]  # clients that went away
             if not items:
+                self.running = False
                 continue
             self.batches, self.items = self.batches + 1, self.items + len(items)
             try:
@@ -148,6 +168,8 @@ class Batcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            finally:
+                self.running = False
             for (_, f), row in zip(items, out, strict=True):
                 if not f.done():
                     f.set_result(row)
@@ -217,8 +239,8 @@ class Svertka:
             full = str(stored.tag)
             pred = Predictor(stored.path, device=SETTINGS.device, max_pixels=SETTINGS.max_pixels)
             self.predictors[full] = pred
-            forward = ThreadsByLoad(pred.predict_tensors, SETTINGS.torch_threads, SETTINGS.solo_threads)
             s = SETTINGS
+            forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
             self.batchers[full] = Batcher(
                 forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _in_flight
             )
@@ -341,7 +363,9 @@ class _Admission(AdmissionMiddleware):
 
 
 # Outermost first: refuse a missing token and overload before anything reads the body, then the body limit.
-Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=auth.startup())
+TOKENS = auth.startup()
+if TOKENS is not None:  # no token configured: no layer at all (each costs every request a little)
+    Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=TOKENS)
 Svertka.add_asgi_middleware(_Admission, max_in_flight=SETTINGS.max_in_flight)
 if SETTINGS.balance and SETTINGS.workers > 1:
     Svertka.add_asgi_middleware(ConnectionBalancer, workers=SETTINGS.workers)

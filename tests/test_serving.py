@@ -678,6 +678,23 @@ def test_body_over_limit_is_413(server: str) -> None:
     )
     assert r.status_code == 413 and "svertka_max_body_bytes" in _reason(r)
 
+    # A small Content-Length beside Transfer-Encoding: chunked: h11 reads the chunks, so they are still counted.
+    host, port = server.removeprefix("http://").split(":")
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks()) + b"0\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            sock.sendall(head + chunked)
+        except OSError:  # the server may answer and close before the whole body is sent
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer and (part := sock.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
 
 def test_server_still_serves_after_bad_input(server: str, store: dict) -> None:
     data = sample_images()["gray.png"]
@@ -853,6 +870,39 @@ def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_threa
     assert threads["fast"][0].startswith("forward")  # the first forward's time is unknown: the thread
     assert threads["fast"][-1] == threads["loop"][0] and fast.inline == 7  # then measured fast: inline
     assert all(t.startswith("forward") for t in threads["slow"]) and slow.inline == 0
+
+
+def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone request's forward gets every thread only when it is slow enough to gain from them."""
+    from types import SimpleNamespace
+
+    def forward(seconds: float, seen: list[int]):
+        def fn(batch: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            time.sleep(seconds)
+            return batch
+
+        return fn
+
+    threads = torch.get_num_threads()
+    with service_module(store, monkeypatch) as service:
+        try:
+            service.ADMISSION["this"] = SimpleNamespace(in_flight=1)  # this request alone in the worker
+            fast_seen: list[int] = []
+            fast = service.ThreadsByLoad(forward(0.0, fast_seen), busy=1, solo=2, min_solo_ms=1000)
+            slow_seen: list[int] = []
+            slow = service.ThreadsByLoad(forward(0.02, slow_seen), busy=1, solo=2, min_solo_ms=5)
+            for _ in range(3):
+                fast(torch.zeros(1, 1, 2, 2))
+                slow(torch.zeros(1, 1, 2, 2))
+            slow(torch.zeros(4, 1, 2, 2))  # a batch: busy threads whatever its speed
+            service.ADMISSION["this"] = SimpleNamespace(in_flight=5)  # others waiting: busy threads
+            slow(torch.zeros(1, 1, 2, 2))
+        finally:
+            service.ADMISSION.pop("this", None)
+            torch.set_num_threads(threads)
+    assert fast_seen == [2, 1, 1]  # its time unknown at first: solo; then measured under 1 s: busy
+    assert slow_seen == [2, 2, 2, 1, 1]
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

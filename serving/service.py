@@ -65,7 +65,9 @@ class ThreadsByLoad:
     1.45 ms at 1, docs/RESULTS.md). Called in the forward thread or on the event loop.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int, min_solo_ms: float = 0.0) -> None:
+    def __init__(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int, min_solo_ms: float = 0.0
+    ) -> None:
         self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
         self.single_s = math.inf  # seconds of a forward of one input (a moving average); unknown at first
 

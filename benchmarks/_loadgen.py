@@ -6,29 +6,44 @@
 ``--client raw`` (default) is kept cheap so the server gets most of the CPU: one process, one
 asyncio loop, raw keep-alive HTTP/1.1 connections (one per client) and request bytes built once
 before the clock starts (each file becomes a ``multipart/form-data`` upload in the field
-``--field``). ``--client httpx`` is what a user would write: one ``httpx.AsyncClient`` with a
-pool of N keep-alive connections shared by N tasks. A request counts from writing its first
-byte to reading its last; requests that start during the warm-up are not recorded. Errors are
-non-2xx answers, broken connections and requests over ``--timeout``. Prints one JSON object:
-requests, errors, requests/s, latency percentiles (ms), status-code counts, 503s without
-``Retry-After``, the load generator's own CPU use, and a few error samples.
+``--field``). ``--client httpx`` is what a user would write first: one ``httpx.AsyncClient`` with
+a pool of N keep-alive connections shared by N tasks. ``--client httpx-per-task``: N tasks, each
+with its own ``httpx.AsyncClient`` (one keep-alive connection each), the pattern docs/SERVING.md
+recommends at high concurrency.
+
+Why both httpx forms: httpcore's pool (1.0.9, the newest) hands an idle connection to a waiting
+request but leaves it marked idle until that request's task runs, so when several responses
+arrive in one pass of the client's event loop the requests that follow are all given the same
+connection; all but one fail with ``ConnectionNotAvailable`` and go round again, and some lose
+that race for a second or more (encode/httpcore#822, the review of #1111). The JSON reports how
+often that happened (``client_pool_retries``, counted by wrapping httpcore's retry step; None if
+httpcore changed). It hits a client the faster its server answers (more answers per pass).
+
+A request counts from the client call (or writing its first byte) to reading its last; requests
+that start during the warm-up are not recorded. Errors are non-2xx answers, broken connections
+and requests over ``--timeout``. Prints one JSON object: requests, errors, requests/s, latency
+percentiles (ms), status-code counts, 503s without ``Retry-After``, the load generator's own CPU
+use, the httpx pool's retries, and a few error samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 BOUNDARY = "svertkabenchboundary7d1e"
+CLIENTS = ("raw", "httpx", "httpx-per-task")
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
@@ -153,6 +168,31 @@ async def httpx_client(
         record(out, t0, time.perf_counter(), t_record, error)
 
 
+@contextlib.contextmanager
+def counting_pool_retries(out: dict) -> Iterator[None]:
+    """Count in ``out["pool_retries"]`` each time httpcore's pool gives a request a connection that another
+    request took first (it then clears the assignment and waits again). Behaviour is unchanged."""
+    try:
+        from httpcore._async.connection_pool import AsyncPoolRequest
+
+        original = AsyncPoolRequest.clear_connection
+    except (ImportError, AttributeError):  # httpcore changed: not counted
+        out["pool_retries"] = None
+        yield
+        return
+
+    def clear_connection(self: Any) -> None:
+        out["pool_retries"] += 1
+        original(self)
+
+    out["pool_retries"] = 0
+    AsyncPoolRequest.clear_connection = clear_connection
+    try:
+        yield
+    finally:
+        AsyncPoolRequest.clear_connection = original
+
+
 async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple[str, bytes]]) -> dict:
     now = time.perf_counter()
     t_record = now + args.warmup
@@ -160,13 +200,24 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
     out: dict = {"latency": [], "errors": Counter(), "samples": {}, "end": t_record, "all": 0}
     out.update(status=Counter(), no_retry_after=0)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    if args.client == "httpx":
+    out["pool_retries"] = None
+    if args.client in ("httpx", "httpx-per-task"):
         import httpx
 
-        limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-        async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as http:
-            url = f"http://{args.host}:{args.port}{args.path}"
-            tasks = [httpx_client(i, http, url, files, t_record, t_end, out) for i in range(args.clients)]
+        url = f"http://{args.host}:{args.port}{args.path}"
+        shared = args.client == "httpx"
+        n = args.clients if shared else 1
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(counting_pool_retries(out))
+            https = [
+                await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=args.timeout))
+                for _ in range(1 if shared else args.clients)
+            ]
+            tasks = [
+                httpx_client(i, https[0 if shared else i], url, files, t_record, t_end, out)
+                for i in range(args.clients)
+            ]
             await asyncio.gather(*tasks)
     else:
         a = args
@@ -194,6 +245,7 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
         "status_counts": {str(k): v for k, v in sorted(out["status"].items())},
         "no_retry_after_503s": out["no_retry_after"],
         "client": args.client,
+        "client_pool_retries": out["pool_retries"],  # httpx: requests re-queued by httpcore's pool (None: raw)
         "error_kinds": dict(out["errors"]),
         "error_samples": list(out["samples"].values())[:5],
     }
@@ -211,7 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before recording starts")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
-    p.add_argument("--client", choices=("raw", "httpx"), default="raw", help="raw sockets or one httpx.AsyncClient")
+    p.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="raw",
+        help="raw sockets, one httpx.AsyncClient shared by all clients, or one httpx.AsyncClient per client",
+    )
     return p.parse_args(argv)
 
 

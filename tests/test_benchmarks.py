@@ -32,7 +32,7 @@ def test_request_is_valid_multipart() -> None:
     assert b"PNGDATA" in body and b'name="top_k"\r\n\r\n3' in body
 
 
-@pytest.mark.parametrize("client", ["raw", "httpx"])
+@pytest.mark.parametrize("client", ["raw", "httpx", "httpx-per-task"])
 def test_counts_requests_and_errors(client: str) -> None:
     """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies.
 
@@ -67,6 +67,49 @@ def test_counts_requests_and_errors(client: str) -> None:
     assert out["errors"] == pytest.approx(out["requests"] / 2, abs=2)
     assert out["error_kinds"] == {"HTTP 500": out["errors"]}
     assert 0 < out["p50_ms"] <= out["p99_ms"]
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx-per-task"])
+def test_shared_httpx_pool_races_when_answers_arrive_together(client: str) -> None:
+    """The reason for the two httpx clients: answers that arrive together make the shared pool retry.
+
+    The server answers its 4 clients only once all 4 have asked, all at once, so every round the
+    client's event loop sees 4 answers in one pass. The shared pool then gives the next requests
+    the same idle connection (all but one re-queue: counted); 4 separate clients never share one.
+    """
+    waiting: list[asyncio.StreamWriter] = []
+
+    def answer_all() -> None:
+        for w in waiting:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        waiting.clear()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await _read_request(reader)
+                waiting.append(writer)
+                if len(waiting) == 4:
+                    answer_all()
+                elif len(waiting) == 1:  # the last round, when some clients have stopped: answer anyway
+                    asyncio.get_running_loop().call_later(0.05, answer_all)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> dict:
+        server, port = await _serve(handler)
+        args = argparse.Namespace(
+            host="127.0.0.1", port=port, clients=4, seconds=1.0, warmup=0.1, timeout=5.0, client=client, path="/"
+        )
+        async with server:
+            return await _loadgen.run(args, [], [("a.png", b"x")])
+
+    out = asyncio.run(main())
+    assert out["errors"] == 0 and out["requests"] > 20
+    if client == "httpx":
+        assert out["client_pool_retries"] > 0
+    else:
+        assert out["client_pool_retries"] == 0
 
 
 def test_refused_connection_is_an_error() -> None:

@@ -15,6 +15,7 @@ not a well-formed multipart form with file parts where files belong.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -77,17 +78,43 @@ class AdmissionMiddleware:
 
     The refusal comes before anything parses the body, so overload costs almost nothing and every queue
     behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
+
+    It also counts the client connections (address and port) whose API calls (POST) this worker
+    served in the last ``window_s`` (``recent_clients``): a request that never waits is alone in flight however many
+    clients are queued in the socket buffers, so the count of requests in flight alone cannot tell
+    one client from thirty-two.
     """
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1, drain_bytes: int = 32 << 20) -> None:
-        self.app, self.max_in_flight, self.drain_bytes = app, max_in_flight, drain_bytes
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        retry_after_s: int = 1,
+        drain_bytes: int = 32 << 20,
+        window_s: float = 1.0,
+    ) -> None:
+        self.app, self.max_in_flight, self.drain_bytes, self.window_s = app, max_in_flight, drain_bytes, window_s
         self.in_flight = 0
         self.refused = 0
         self.headers = {"Retry-After": str(retry_after_s)}
+        self.seen: dict[Any, float] = {}  # client (host, port) -> when its last request came
+        self.next_prune = 0.0
+
+    @property
+    def recent_clients(self) -> int:
+        """Client connections with a request in the last ``window_s`` (up to ``window_s / 4`` more)."""
+        return len(self.seen)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
+        now = time.monotonic()
+        if scope["method"] == "POST":  # the APIs; not the page, /models or /stats
+            self.seen[scope.get("client")] = now
+        if now >= self.next_prune:
+            cutoff = now - self.window_s
+            self.seen = {k: t for k, t in self.seen.items() if t >= cutoff}
+            self.next_prune = now + self.window_s / 4
         if self.in_flight >= self.max_in_flight:
             self.refused += 1
             reason = (

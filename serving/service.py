@@ -54,12 +54,12 @@ MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_F
 
 
 class ThreadsByLoad:
-    """``fn`` with torch at ``solo`` threads while this worker holds a single request, ``busy`` threads otherwise.
+    """``fn`` with torch at ``solo`` threads while this worker serves a single request, ``busy`` threads otherwise.
 
     Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
-    a lone request would then use one core of an idle machine. The signal is the number of
-    requests in flight in this worker (the admission count), not the batch size: under load,
-    small batches are common while many requests wait in decoding. A forward of one input that
+    a lone request would then use one core of an idle machine. The signal is the worker's load
+    (``_load``: requests in flight, clients seen in the last second), not the batch size: under
+    load, small batches are common while many requests wait in decoding. A forward of one input that
     takes under ``min_solo_ms`` (measured) stays at ``busy`` threads even alone: waking more
     threads for it costs more than it saves (simple_cnn, one client: p50 2.1 ms at 2 threads,
     1.45 ms at 1, docs/RESULTS.md). Called in the forward thread or on the event loop.
@@ -72,9 +72,8 @@ class ThreadsByLoad:
         self.single_s = math.inf  # seconds of a forward of one input (a moving average); unknown at first
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        admission = ADMISSION.get("this")
         single = len(batch) == 1
-        quiet = single and admission is not None and admission.in_flight <= 1 and self.single_s >= self.min_solo_s
+        quiet = single and _load() <= 1 and self.single_s >= self.min_solo_s
         want = self.solo if quiet else self.busy
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
@@ -93,10 +92,11 @@ class Batcher:
     Requests are served in arrival order (one FIFO queue); the queue is bounded by the admission
     limit in front of it (``max_queue`` only guards direct use). A batch whose forward is expected
     (from the measured time per input) to take at most ``inline_ms`` runs on the event loop itself
-    when no other request is in flight (``in_flight()``, this worker's count, is at most the batch):
-    for a small model the hop to the forward thread and back (a queue, a wake-up of each thread)
-    costs more CPU than the forward. With others in flight the forward thread lets the event loop
-    read and decode them meanwhile, and the next batch is larger.
+    when the worker is otherwise idle (``load()``, requests in flight or clients seen lately, is at
+    most the batch): for a small model the hop to the forward thread and back (a queue, a wake-up of
+    each thread) costs more CPU than the forward. A lone request of a single client (``load() <= 1``)
+    skips even the queue: ``submit`` runs its forward at once. With others in flight the forward
+    thread lets the event loop read and decode them meanwhile, and the next batch is larger.
     """
 
     def __init__(
@@ -106,10 +106,10 @@ class Batcher:
         wait_ms: int,
         max_queue: int = 1024,
         inline_ms: float = 0.0,
-        in_flight: Callable[[], int] = lambda: 0,
+        load: Callable[[], int] = lambda: 0,
     ) -> None:
         self.fn, self.max_batch_size, self.wait_s, self.max_queue = fn, max_batch_size, wait_ms / 1000, max_queue
-        self.inline_s, self.in_flight = inline_ms / 1000, in_flight
+        self.inline_s, self.load = inline_ms / 1000, load
         self.item_s = math.inf  # forward seconds per input, measured (a moving average); unknown at first
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
@@ -122,8 +122,9 @@ class Batcher:
         if self.queue is None:  # created lazily: needs the server's running event loop
             self.queue = asyncio.Queue(self.max_queue)
             self.task = asyncio.get_running_loop().create_task(self._run())
-        if not self.running and self.queue.empty() and self.item_s <= self.inline_s and self.in_flight() <= 1:
-            # Alone, and the forward is cheap: run it right here (no queue, no wake-up of the batcher task).
+        if not self.running and self.queue.empty() and self.item_s <= self.inline_s and self.load() <= 1:
+            # Alone (one request of one client), and the forward is cheap: run it right here (no queue, no
+            # wake-up of the batcher task). With more clients the queue's wait lets their requests in to join.
             self.batches, self.items, self.inline = self.batches + 1, self.items + 1, self.inline + 1
             out, seconds = self._timed(x[None])
             self.item_s = 0.8 * self.item_s + 0.2 * seconds
@@ -158,7 +159,7 @@ class Batcher:
             self.batches, self.items = self.batches + 1, self.items + len(items)
             try:
                 batch = torch.stack([x for x, _ in items])  # (B, C, h, w)
-                if self.item_s * len(batch) <= self.inline_s and self.in_flight() <= len(batch):
+                if self.item_s * len(batch) <= self.inline_s and self.load() <= len(batch):
                     self.inline += 1
                     out, seconds = self._timed(batch)
                 else:
@@ -182,10 +183,16 @@ class Batcher:
         return out, time.perf_counter() - t0
 
 
-def _in_flight() -> int:
-    """Requests this worker holds now (decoding, queued or in a forward pass); 0 without admission control."""
+def _load() -> int:
+    """How busy this worker is: the requests it holds now (decoding, queued or in a forward pass) or, if more,
+    the client connections it served in the last second; 0 without admission control.
+
+    Both count: a request that never waits (small image, fast forward) is alone in flight even while
+    thirty-one other clients' requests wait in the socket buffers; treated as alone, each would then
+    skip the queue, and no batch would ever form.
+    """
     admission = ADMISSION.get("this")
-    return admission.in_flight if admission is not None else 0
+    return max(admission.in_flight, admission.recent_clients) if admission is not None else 0
 
 
 async def _get_models(request: Request) -> JSONResponse:
@@ -244,7 +251,7 @@ class Svertka:
             s = SETTINGS
             forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
             self.batchers[full] = Batcher(
-                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _in_flight
+                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _load
             )
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
@@ -258,7 +265,8 @@ class Svertka:
         gc.freeze()
 
     def stats(self) -> dict[str, Any]:
-        """This worker's counters: forward batches and their mean size, requests in flight, 503s."""
+        """This worker's counters: forward batches and their mean size, requests in flight, clients seen in the
+        last second, 503s."""
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
         inline = sum(b.inline for b in self.batchers.values())
@@ -270,6 +278,7 @@ class Svertka:
             "mean_batch_size": items / batches if batches else None,
             "inline_batches": inline,
             "in_flight": admission.in_flight if admission else None,
+            "recent_clients": admission.recent_clients if admission else None,
             "refused": admission.refused if admission else None,
             "max_in_flight": SETTINGS.max_in_flight,
         }

@@ -64,6 +64,32 @@ def test_admission_refuses_past_the_limit_with_retry_after() -> None:
     assert [s[0] for s in served] == [200, 200, 200, 200]
 
 
+def test_admission_counts_the_clients_of_the_last_window() -> None:
+    """One keep-alive client is one client however many requests it sends; others count until they go quiet."""
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> list[int]:
+        guard = AdmissionMiddleware(app, max_in_flight=4, window_s=0.2)
+        counts = []
+        for _ in range(3):
+            await call(guard, http_scope(client=("127.0.0.1", 5000)))
+        counts.append(guard.recent_clients)
+        for port in (5001, 5002):
+            await call(guard, http_scope(client=("127.0.0.1", port)))
+        await call(guard, http_scope("/readyz", client=("127.0.0.1", 5009)))  # probes are not clients,
+        await call(guard, {**http_scope("/stats", client=("127.0.0.1", 5010)), "method": "GET"})  # nor GETs
+        counts.append(guard.recent_clients)
+        await asyncio.sleep(0.3)  # the others go quiet; the first client goes on
+        await call(guard, http_scope(client=("127.0.0.1", 5000)))
+        counts.append(guard.recent_clients)
+        return counts
+
+    assert asyncio.run(main()) == [1, 3, 1]
+
+
 def test_balancer_closes_a_connection_only_when_this_worker_holds_more_than_its_share(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

@@ -859,7 +859,7 @@ def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_threa
         slow = service.Batcher(forward("slow", 0.02), max_batch_size=4, wait_ms=0, inline_ms=5)
         asyncio.run(main(slow))
         # Other requests in flight in the worker: the forward thread, so the loop reads them meanwhile.
-        busy = service.Batcher(forward("busy", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5, in_flight=lambda: 9)
+        busy = service.Batcher(forward("busy", 0.0), max_batch_size=4, wait_ms=0, inline_ms=5, load=lambda: 9)
 
         async def four(batcher) -> list[torch.Tensor]:
             return [await batcher.submit(torch.zeros(1, 2, 2)) for _ in range(4)]
@@ -886,7 +886,7 @@ def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypat
     threads = torch.get_num_threads()
     with service_module(store, monkeypatch) as service:
         try:
-            service.ADMISSION["this"] = SimpleNamespace(in_flight=1)  # this request alone in the worker
+            service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=1)  # one request, one client
             fast_seen: list[int] = []
             fast = service.ThreadsByLoad(forward(0.0, fast_seen), busy=1, solo=2, min_solo_ms=1000)
             slow_seen: list[int] = []
@@ -895,7 +895,7 @@ def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypat
                 fast(torch.zeros(1, 1, 2, 2))
                 slow(torch.zeros(1, 1, 2, 2))
             slow(torch.zeros(4, 1, 2, 2))  # a batch: busy threads whatever its speed
-            service.ADMISSION["this"] = SimpleNamespace(in_flight=5)  # others waiting: busy threads
+            service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=5)  # other clients: busy
             slow(torch.zeros(1, 1, 2, 2))
         finally:
             service.ADMISSION.pop("this", None)

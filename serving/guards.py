@@ -80,9 +80,9 @@ class AdmissionMiddleware:
     behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
 
     It also counts the client connections (address and port) whose API calls (POST) this worker
-    served in the last ``window_s`` (``recent_clients``): a request that never waits is alone in flight however many
-    clients are queued in the socket buffers, so the count of requests in flight alone cannot tell
-    one client from thirty-two.
+    served in the last ``window_s`` (``recent_clients``): a request that never waits is alone in
+    flight however many clients are queued in the socket buffers, so the count of requests in
+    flight alone cannot tell one client from thirty-two.
     """
 
     def __init__(

@@ -61,8 +61,8 @@ class ThreadsByLoad:
     (``_load``: requests in flight, clients seen in the last second), not the batch size: under
     load, small batches are common while many requests wait in decoding. A forward of one input that
     takes under ``min_solo_ms`` (measured) stays at ``busy`` threads even alone: waking more
-    threads for it costs more than it saves (simple_cnn, one client: p50 2.1 ms at 2 threads,
-    1.45 ms at 1, docs/RESULTS.md). Called in the forward thread or on the event loop.
+    threads for it costs more than it saves (simple_cnn, one client: p50 ~2.1 ms at 2 threads,
+    ~1.5 ms at 1; docs/RESULTS.md). Called in the forward thread or on the event loop.
     """
 
     def __init__(

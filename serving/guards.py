@@ -79,10 +79,12 @@ class AdmissionMiddleware:
     The refusal comes before anything parses the body, so overload costs almost nothing and every queue
     behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
 
-    It also counts the client connections (address and port) whose API calls (POST) this worker
-    served in the last ``window_s`` (``recent_clients``): a request that never waits is alone in
-    flight however many clients are queued in the socket buffers, so the count of requests in
-    flight alone cannot tell one client from thirty-two.
+    It also counts the keep-alive client connections (address and port) that made API calls (POST)
+    more than once, the last in the past ``window_s`` (``recent_clients``): a request that never
+    waits is alone in flight however many clients are queued in the socket buffers, so the count of
+    requests in flight alone cannot tell one client from thirty-two. Connections used once (a client
+    that reconnects for every request) are not counted: they would make one such client look like
+    hundreds.
     """
 
     def __init__(
@@ -97,23 +99,32 @@ class AdmissionMiddleware:
         self.in_flight = 0
         self.refused = 0
         self.headers = {"Retry-After": str(retry_after_s)}
-        self.seen: dict[Any, float] = {}  # client (host, port) -> when its last request came
+        self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests (1 or 2+)]
+        self.returning = 0  # entries of seen with 2+ requests
         self.next_prune = 0.0
 
     @property
     def recent_clients(self) -> int:
-        """Client connections with a request in the last ``window_s`` (up to ``window_s / 4`` more)."""
-        return len(self.seen)
+        """Connections with 2+ requests, the last in the past ``window_s`` (up to ``window_s / 4`` more)."""
+        return self.returning
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         now = time.monotonic()
         if scope["method"] == "POST":  # the APIs; not the page, /models or /stats
-            self.seen[scope.get("client")] = now
+            entry = self.seen.get(scope.get("client"))
+            if entry is None:
+                self.seen[scope.get("client")] = [now, 1]
+            else:
+                entry[0] = now
+                if entry[1] == 1:
+                    entry[1] = 2
+                    self.returning += 1
         if now >= self.next_prune:
             cutoff = now - self.window_s
-            self.seen = {k: t for k, t in self.seen.items() if t >= cutoff}
+            self.seen = {k: v for k, v in self.seen.items() if v[0] >= cutoff}
+            self.returning = sum(1 for v in self.seen.values() if v[1] > 1)
             self.next_prune = now + self.window_s / 4
         if self.in_flight >= self.max_in_flight:
             self.refused += 1

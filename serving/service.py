@@ -185,7 +185,8 @@ class Batcher:
 
 def _load() -> int:
     """How busy this worker is: the requests it holds now (decoding, queued or in a forward pass) or, if more,
-    the client connections it served in the last second; 0 without admission control.
+    the keep-alive client connections it served lately (``AdmissionMiddleware.recent_clients``); 0 without
+    admission control.
 
     Both count: a request that never waits (small image, fast forward) is alone in flight even while
     thirty-one other clients' requests wait in the socket buffers; treated as alone, each would then

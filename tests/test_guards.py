@@ -65,7 +65,8 @@ def test_admission_refuses_past_the_limit_with_retry_after() -> None:
 
 
 def test_admission_counts_the_clients_of_the_last_window() -> None:
-    """One keep-alive client is one client however many requests it sends; others count until they go quiet."""
+    """One keep-alive client is one client however many requests it sends; others count until they go quiet;
+    a connection used for one request only (a client that reconnects each time) is not counted."""
 
     async def app(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -76,11 +77,14 @@ def test_admission_counts_the_clients_of_the_last_window() -> None:
         counts = []
         for _ in range(3):
             await call(guard, http_scope(client=("127.0.0.1", 5000)))
-        counts.append(guard.recent_clients)
-        for port in (5001, 5002):
+        for port in range(7000, 7050):  # one request per connection: not clients that stay
             await call(guard, http_scope(client=("127.0.0.1", port)))
-        await call(guard, http_scope("/readyz", client=("127.0.0.1", 5009)))  # probes are not clients,
-        await call(guard, {**http_scope("/stats", client=("127.0.0.1", 5010)), "method": "GET"})  # nor GETs
+        counts.append(guard.recent_clients)
+        for port in (5001, 5002, 5001, 5002):
+            await call(guard, http_scope(client=("127.0.0.1", port)))
+        for _ in range(2):
+            await call(guard, http_scope("/readyz", client=("127.0.0.1", 5009)))  # probes are not clients,
+            await call(guard, {**http_scope("/stats", client=("127.0.0.1", 5010)), "method": "GET"})  # nor GETs
         counts.append(guard.recent_clients)
         await asyncio.sleep(0.3)  # the others go quiet; the first client goes on
         await call(guard, http_scope(client=("127.0.0.1", 5000)))

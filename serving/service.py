@@ -58,31 +58,49 @@ class ThreadsByLoad:
 
     Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
     a lone request would then use one core of an idle machine. The signal is the worker's load
-    (``_load``: requests in flight, clients seen in the last second), not the batch size: under
-    load, small batches are common while many requests wait in decoding. A forward of one input that
-    takes under ``min_solo_ms`` (measured) stays at ``busy`` threads even alone: waking more
-    threads for it costs more than it saves (simple_cnn, one client: p50 ~2.1 ms at 2 threads,
-    ~1.5 ms at 1; docs/RESULTS.md). Called in the forward thread or on the event loop.
+    (``_load``: requests in flight, keep-alive clients seen lately), not the batch size: under
+    load, small batches are common while many requests wait in decoding.
+
+    A lone request goes solo only when a one-input forward *at the busy thread count* takes at least
+    ``min_solo_ms`` (measured; the first, cold one is not counted): waking more threads for a fast
+    forward costs more than it saves (simple_cnn, one client: p50 ~2.1 ms at 2 threads, ~1.5 ms at
+    1; docs/RESULTS.md). Only busy-thread timings decide, so a solo forward slowed down by its own
+    spinning threads cannot keep itself solo; every ``resample_every``-th lone forward runs at the
+    busy count to keep that timing fresh. Called in the forward thread or on the event loop.
     """
 
     def __init__(
-        self, fn: Callable[[torch.Tensor], torch.Tensor], busy: int, solo: int, min_solo_ms: float = 0.0
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        busy: int,
+        solo: int,
+        min_solo_ms: float = 0.0,
+        resample_every: int = 100,
     ) -> None:
         self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
-        self.single_s = math.inf  # seconds of a forward of one input (a moving average); unknown at first
+        self.resample_every = resample_every
+        self.busy_single_s = math.inf  # seconds of a one-input forward at `busy` threads (moving average)
+        self.busy_singles = self.lone = 0
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         single = len(batch) == 1
-        quiet = single and _load() <= 1 and self.single_s >= self.min_solo_s
-        want = self.solo if quiet else self.busy
+        alone = single and _load() <= 1
+        self.lone += alone
+        resample = self.lone % self.resample_every == 0
+        solo = alone and not resample and self.busy_single_s != math.inf and self.busy_single_s >= self.min_solo_s
+        want = self.solo if solo else self.busy
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
-        if not single:
+        if not single or solo:
             return self.fn(batch)
         t0 = time.perf_counter()
         out = self.fn(batch)
         seconds = time.perf_counter() - t0
-        self.single_s = seconds if self.single_s == math.inf else 0.8 * self.single_s + 0.2 * seconds
+        self.busy_singles += 1
+        if self.busy_singles == 2:  # the first one was cold (allocations, thread pool start): not counted
+            self.busy_single_s = seconds
+        elif self.busy_singles > 2:
+            self.busy_single_s = 0.8 * self.busy_single_s + 0.2 * seconds
         return out
 
 

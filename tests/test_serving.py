@@ -872,36 +872,39 @@ def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_threa
 
 
 def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lone request's forward gets every thread only when it is slow enough to gain from them."""
+    """A lone request's forward gets every thread only when, timed at the busy thread count, it is slow."""
     from types import SimpleNamespace
 
-    def forward(seconds: float, seen: list[int]):
+    def forward(seconds: float, seen: list[int], slow_when_solo: float = 0.0):
         def fn(batch: torch.Tensor) -> torch.Tensor:
             seen.append(torch.get_num_threads())
-            time.sleep(seconds)
+            time.sleep(seconds if torch.get_num_threads() == 1 else slow_when_solo or seconds)
             return batch
 
         return fn
 
     threads = torch.get_num_threads()
+    one = torch.zeros(1, 1, 2, 2)
     with service_module(store, monkeypatch) as service:
         try:
             service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=1)  # one request, one client
+            # fast at 1 thread, slow at 2 (its threads spin on a busy machine): measured at 1, it never goes solo
             fast_seen: list[int] = []
-            fast = service.ThreadsByLoad(forward(0.0, fast_seen), busy=1, solo=2, min_solo_ms=1000)
+            fast = service.ThreadsByLoad(forward(0.0, fast_seen, 0.05), busy=1, solo=2, min_solo_ms=20)
             slow_seen: list[int] = []
-            slow = service.ThreadsByLoad(forward(0.02, slow_seen), busy=1, solo=2, min_solo_ms=5)
-            for _ in range(3):
-                fast(torch.zeros(1, 1, 2, 2))
-                slow(torch.zeros(1, 1, 2, 2))
+            slow = service.ThreadsByLoad(forward(0.03, slow_seen), busy=1, solo=2, min_solo_ms=5, resample_every=5)
+            for _ in range(6):
+                fast(one)
+                slow(one)
             slow(torch.zeros(4, 1, 2, 2))  # a batch: busy threads whatever its speed
             service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=5)  # other clients: busy
-            slow(torch.zeros(1, 1, 2, 2))
+            slow(one)
         finally:
             service.ADMISSION.pop("this", None)
             torch.set_num_threads(threads)
-    assert fast_seen == [2, 1, 1]  # its time unknown at first: solo; then measured under 1 s: busy
-    assert slow_seen == [2, 2, 2, 1, 1]
+    assert fast_seen == [1] * 6
+    # busy twice (the first cold, not counted), then solo; the 5th lone forward re-times at the busy count
+    assert slow_seen == [1, 1, 2, 2, 1, 2, 1, 1]
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

@@ -75,7 +75,7 @@ class ThreadsByLoad:
         busy: int,
         solo: int,
         min_solo_ms: float = 0.0,
-        resample_every: int = 100,
+        resample_every: int = 500,
     ) -> None:
         self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
         self.resample_every = resample_every

@@ -144,9 +144,7 @@ class Batcher:
             # Alone (one request of one client), and the forward is cheap: run it right here (no queue, no
             # wake-up of the batcher task). With more clients the queue's wait lets their requests in to join.
             self.batches, self.items, self.inline = self.batches + 1, self.items + 1, self.inline + 1
-            out, seconds = self._timed(x[None])
-            self.item_s = 0.8 * self.item_s + 0.2 * seconds
-            return out[0]
+            return self._timed(x[None])[0]
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
@@ -179,11 +177,9 @@ class Batcher:
                 batch = torch.stack([x for x, _ in items])  # (B, C, h, w)
                 if self.item_s * len(batch) <= self.inline_s and self.load() <= len(batch):
                     self.inline += 1
-                    out, seconds = self._timed(batch)
+                    out = self._timed(batch)
                 else:
-                    out, seconds = await loop.run_in_executor(self.executor, self._timed, batch)
-                per_item = seconds / len(batch)
-                self.item_s = per_item if self.item_s == math.inf else 0.8 * self.item_s + 0.2 * per_item
+                    out = await loop.run_in_executor(self.executor, self._timed, batch)
             except Exception as e:  # a bug, not bad input: every caller gets it (a 500)
                 for _, f in items:
                     if not f.done():
@@ -195,10 +191,14 @@ class Batcher:
                 if not f.done():
                     f.set_result(row)
 
-    def _timed(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _timed(self, batch: torch.Tensor) -> torch.Tensor:
+        """``fn(batch)``, its time per input folded into ``item_s``. Never runs twice at once: the fast path in
+        ``submit`` only while ``_run`` is idle, ``_run`` one batch at a time (here or in its one thread)."""
         t0 = time.perf_counter()
         out = self.fn(batch)
-        return out, time.perf_counter() - t0
+        per_item = (time.perf_counter() - t0) / len(batch)
+        self.item_s = per_item if self.item_s == math.inf else 0.8 * self.item_s + 0.2 * per_item
+        return out
 
 
 def _load() -> int:

@@ -24,6 +24,27 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
+def _load(handler, client: str, clients: int, seconds: float, requests: list[bytes]) -> dict:
+    """``_loadgen.run`` with ``client`` against a toy server running ``handler``, one image ``a.png``."""
+
+    async def main() -> dict:
+        server, port = await _serve(handler)
+        args = argparse.Namespace(
+            host="127.0.0.1",
+            port=port,
+            clients=clients,
+            seconds=seconds,
+            warmup=0.1,
+            timeout=5.0,
+            client=client,
+            path="/",
+        )
+        async with server:
+            return await _loadgen.run(args, requests, [("a.png", b"x")])
+
+    return asyncio.run(main())
+
+
 def test_request_is_valid_multipart() -> None:
     req = _loadgen.build_request("h:1", "/classify", "image", "a.png", b"PNGDATA", {"top_k": "3"})
     head, body = req.split(b"\r\n\r\n", 1)
@@ -36,7 +57,7 @@ def test_request_is_valid_multipart() -> None:
 def test_counts_requests_and_errors(client: str) -> None:
     """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies.
 
-    Both load generators: the raw-socket client and a plain ``httpx.AsyncClient``.
+    Every load generator: the raw-socket client, one shared ``httpx.AsyncClient``, one per client.
     """
     calls = {"n": 0}
 
@@ -54,15 +75,7 @@ def test_counts_requests_and_errors(client: str) -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def main() -> dict:
-        server, port = await _serve(handler)
-        args = argparse.Namespace(
-            host="127.0.0.1", port=port, clients=2, seconds=0.5, warmup=0.1, timeout=5.0, client=client, path="/"
-        )
-        async with server:
-            return await _loadgen.run(args, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"], [("a.png", b"x")])
-
-    out = asyncio.run(main())
+    out = _load(handler, client, 2, 0.5, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"])
     assert out["requests"] > 10
     assert out["errors"] == pytest.approx(out["requests"] / 2, abs=2)
     assert out["error_kinds"] == {"HTTP 500": out["errors"]}
@@ -96,15 +109,7 @@ def test_shared_httpx_pool_races_when_answers_arrive_together(client: str) -> No
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def main() -> dict:
-        server, port = await _serve(handler)
-        args = argparse.Namespace(
-            host="127.0.0.1", port=port, clients=4, seconds=1.0, warmup=0.1, timeout=5.0, client=client, path="/"
-        )
-        async with server:
-            return await _loadgen.run(args, [], [("a.png", b"x")])
-
-    out = asyncio.run(main())
+    out = _load(handler, client, 4, 1.0, [])
     assert out["errors"] == 0 and out["requests"] > 20
     if client == "httpx":
         assert out["client_pool_retries"] > 0

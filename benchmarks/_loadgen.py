@@ -2,6 +2,7 @@
 
     python benchmarks/_loadgen.py --port 3000 --path /classify --files images.txt --clients 32 --seconds 10
     python benchmarks/_loadgen.py ... --client httpx          # one plain httpx.AsyncClient, N keep-alive connections
+    python benchmarks/_loadgen.py ... --client aiohttp        # one plain aiohttp.ClientSession, N connections
 
 ``--client raw`` (default) is kept cheap so the server gets most of the CPU: one process, one
 asyncio loop, raw keep-alive HTTP/1.1 connections (one per client) and request bytes built once
@@ -9,7 +10,9 @@ before the clock starts (each file becomes a ``multipart/form-data`` upload in t
 ``--field``). ``--client httpx`` is what a user would write first: one ``httpx.AsyncClient`` with
 a pool of N keep-alive connections shared by N tasks. ``--client httpx-per-task``: N tasks, each
 with its own ``httpx.AsyncClient`` (one keep-alive connection each), the pattern docs/SERVING.md
-recommends at high concurrency.
+recommends at high concurrency. ``--client aiohttp``: one ``aiohttp.ClientSession`` (a
+``TCPConnector`` of N connections) shared by N tasks, the other common async client, whose pool
+hands a released connection straight to one waiting request (no race like httpx's below).
 
 Why both httpx forms: httpcore's pool (1.0.9, the newest) hands an idle connection to a waiting
 request but leaves it marked idle until that request's task runs, so when several responses
@@ -23,7 +26,7 @@ A request counts from the client call (or writing its first byte) to reading its
 that start during the warm-up are not recorded. Errors are non-2xx answers, broken connections
 and requests over ``--timeout``. Prints one JSON object: requests, errors, requests/s, latency
 percentiles (ms), status-code counts, 503s without ``Retry-After``, the load generator's own CPU
-use, the httpx pool's retries, and a few error samples.
+use, the httpx pool's retries, a few error samples, and with ``--latencies`` every latency.
 """
 
 from __future__ import annotations
@@ -38,18 +41,30 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 BOUNDARY = "svertkabenchboundary7d1e"
-CLIENTS = ("raw", "httpx", "httpx-per-task")
+CLIENTS = ("raw", "httpx", "httpx-per-task", "aiohttp")
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+class Form(NamedTuple):
+    """What each upload carries, for the clients that build their own requests (httpx, aiohttp)."""
+
+    files: list[tuple[str, bytes]]  # (file name, bytes), taken in turn
+    field: str  # the multipart field of the file
+    extra: dict[str, str]  # text fields sent with it
+
+
+def content_type(name: str) -> str:
+    return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
 
 
 def build_request(host: str, path: str, field: str, name: str, data: bytes, extra: dict[str, str]) -> bytes:
     """One complete ``POST path`` request (headers + multipart body) as bytes."""
-    ctype = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+    ctype = content_type(name)
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in extra.items()
     ]
@@ -148,23 +163,43 @@ def note_status(out: dict, status: int, headers: Any, body: bytes, recorded: boo
     return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
 
-async def httpx_client(
-    i: int, http: Any, url: str, files: list[tuple[str, bytes]], t_record: float, t_end: float, out: dict
-) -> None:
-    """One task on a shared ``httpx.AsyncClient``: post, wait, repeat until ``t_end``."""
+async def httpx_client(i: int, http: Any, url: str, form: Form, t_record: float, t_end: float, out: dict) -> None:
+    """One task on an ``httpx.AsyncClient`` (shared or its own): post, wait, repeat until ``t_end``."""
     import httpx
 
     k = i * 7919
     while time.perf_counter() < t_end:
-        name, data = files[k % len(files)]
+        name, data = form.files[k % len(form.files)]
         k += 1
         t0 = time.perf_counter()
         try:
-            r = await http.post(url, files={"image": (name, data)})
+            r = await http.post(url, data=form.extra, files={form.field: (name, data, content_type(name))})
             error = note_status(out, r.status_code, r.headers, r.content, t0 >= t_record)
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"[:200]
             await asyncio.sleep(0.05)
+        record(out, t0, time.perf_counter(), t_record, error)
+
+
+async def aiohttp_client(i: int, session: Any, url: str, form: Form, t_record: float, t_end: float, out: dict) -> None:
+    """One task on a shared ``aiohttp.ClientSession``: post, wait, repeat until ``t_end``."""
+    import aiohttp
+
+    k = i * 7919
+    while time.perf_counter() < t_end:
+        name, data = form.files[k % len(form.files)]
+        k += 1
+        body = aiohttp.FormData(form.extra)
+        body.add_field(form.field, data, filename=name, content_type=content_type(name))
+        t0 = time.perf_counter()
+        try:
+            async with session.post(url, data=body) as r:
+                content = await r.read()
+                error = note_status(out, r.status, r.headers, content, t0 >= t_record)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+            if not isinstance(e, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
         record(out, t0, time.perf_counter(), t_record, error)
 
 
@@ -201,10 +236,11 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
     out.update(status=Counter(), no_retry_after=0)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     out["pool_retries"] = None
+    url = f"http://{args.host}:{args.port}{args.path}"
+    form = Form(files, args.field, dict(kv.split("=", 1) for kv in args.form))
     if args.client in ("httpx", "httpx-per-task"):
         import httpx
 
-        url = f"http://{args.host}:{args.port}{args.path}"
         shared = args.client == "httpx"
         n = args.clients if shared else 1
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
@@ -215,9 +251,16 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
                 for _ in range(1 if shared else args.clients)
             ]
             tasks = [
-                httpx_client(i, https[0 if shared else i], url, files, t_record, t_end, out)
-                for i in range(args.clients)
+                httpx_client(i, https[0 if shared else i], url, form, t_record, t_end, out) for i in range(args.clients)
             ]
+            await asyncio.gather(*tasks)
+    elif args.client == "aiohttp":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=args.clients)
+        timeout = aiohttp.ClientTimeout(total=args.timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            tasks = [aiohttp_client(i, session, url, form, t_record, t_end, out) for i in range(args.clients)]
             await asyncio.gather(*tasks)
     else:
         a = args
@@ -248,6 +291,7 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
         "client_pool_retries": out["pool_retries"],  # httpx: requests re-queued by httpcore's pool (None: raw)
         "error_kinds": dict(out["errors"]),
         "error_samples": list(out["samples"].values())[:5],
+        **({"latencies_ms": [round(float(x), 4) for x in lat]} if getattr(args, "latencies", False) else {}),
     }
 
 
@@ -267,8 +311,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--client",
         choices=CLIENTS,
         default="raw",
-        help="raw sockets, one httpx.AsyncClient shared by all clients, or one httpx.AsyncClient per client",
+        help="raw sockets, one httpx.AsyncClient shared by all clients, one httpx.AsyncClient per client, "
+        "or one aiohttp.ClientSession shared by all clients",
     )
+    p.add_argument("--latencies", action="store_true", help="also list every recorded latency (ms), to pool runs")
     return p.parse_args(argv)
 
 

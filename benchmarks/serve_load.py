@@ -3,7 +3,7 @@
 The must-show numbers of issue #9 (on a quiet 2-core machine; each prints its checks at the end):
 
     python benchmarks/serve_load.py             # simple_cnn + resnet18, 1 and 32 clients, 10 s each,
-                                                # raw-socket and httpx clients, baseline beside ours
+                                                # raw-socket, httpx and aiohttp clients, baseline beside ours
     python benchmarks/serve_load.py --soak 5    # 64 clients x 5 min on simple_cnn: status codes,
                                                 # worker RSS over time, Retry-After on every 503
     python benchmarks/serve_load.py --quick     # smoke test: a few seconds per run
@@ -16,10 +16,14 @@ under ``uvicorn --workers 1`` doing the same decode and forward inline per reque
 settings from the ``SVERTKA_*`` environment as a user would set them). The load comes from
 ``benchmarks/_loadgen.py`` (a separate, cheap process: N closed-loop keep-alive clients for T
 seconds after a warm-up), with its raw-socket clients, with one plain ``httpx.AsyncClient``
-holding N keep-alive connections, and with N ``httpx.AsyncClient``s of one connection each
-(``--loadgen``; the shared pool's retries, an httpcore race, are reported: see ``_loadgen.py``).
-After each run against our service it reads ``GET /stats`` of every worker: the mean forward
-batch size. Models:
+holding N keep-alive connections, with N ``httpx.AsyncClient``s of one connection each, and with
+one plain ``aiohttp.ClientSession`` of N connections (``--loadgen``; the shared httpx pool's
+retries, an httpcore race, are reported: see ``_loadgen.py``).
+The servers run side by side: each load (``--seconds``) is split into ``--repeats`` runs that
+alternate between them (baseline, ours, ours, baseline, ...), and each server's runs are pooled
+(latencies merged, counts summed; each run's p50 is printed too), so the slow drift of a noisy
+machine hits both alike. After each run against our service it reads ``GET /stats`` of every
+worker: the mean forward batch size. Models:
 ``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound) and ``resnet18`` on UTKFace 200x200
 JPEGs resized to 224 (compute-bound), both with random weights (throughput does not depend on
 them). Images come from ``--data-root`` or ``$DATASETS_DIR``; without either, synthetic images
@@ -29,12 +33,14 @@ them). Images come from ``--data-root`` or ``$DATASETS_DIR``; without either, sy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -109,11 +115,19 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
     return {"single_images_per_s": single, "single_ms": 1000 / single, "batched_images_per_s": batched}
 
 
-def run_load(port: int, files_txt: Path, clients: int, seconds: float, warmup: float, client: str = "raw") -> dict:
-    """One load-generator run against ``127.0.0.1:port`` (a separate process)."""
+def run_load(
+    port: int,
+    files_txt: Path,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    client: str = "raw",
+    latencies: bool = False,
+) -> dict:
+    """One load-generator run against ``127.0.0.1:port`` (a separate process); ``latencies``: list each one."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "_loadgen.py"), "--port", str(port), "--path", "/classify"]
     cmd += ["--files", str(files_txt), "--clients", str(clients), "--seconds", str(seconds), "--warmup", str(warmup)]
-    cmd += ["--client", client]
+    cmd += ["--client", client] + (["--latencies"] if latencies else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 180)
     if r.returncode != 0:
         raise BenchError(f"load generator failed ({r.returncode}): {r.stderr.strip()[-1000:]}")
@@ -135,14 +149,14 @@ def worker_stats(port: int, tries: int = 12) -> dict[int, dict]:
     return seen
 
 
-def mean_batch(before: dict[int, dict], after: dict[int, dict]) -> float | None:
-    """Mean forward batch size between two ``worker_stats`` snapshots (workers seen both times)."""
+def batch_counts(before: dict[int, dict], after: dict[int, dict]) -> tuple[int, int]:
+    """(forward batches, requests in them) between two ``worker_stats`` snapshots (workers seen both times)."""
     batches = items = 0
     for pid, a in after.items():
         b = before.get(pid, {"batches": 0, "batched_requests": 0})
         batches += a["batches"] - b["batches"]
         items += a["batched_requests"] - b["batched_requests"]
-    return items / batches if batches else None
+    return batches, items
 
 
 def server_specs(bundle: Path, tag: str) -> dict[str, tuple[list[str], dict[str, str], str]]:
@@ -184,37 +198,103 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
     result["in_process"] = in_process(bundle, files, args.inproc_seconds)
 
     servers = {k: v for k, v in server_specs(bundle, tag).items() if k in args.variants}
-    for name, (cmd, server_env, ready) in servers.items():
-        port = free_port()
-        label = LABELS[name]
-        console.print(f"  {label} on port {port} ...")
-        log = scratch / f"{m.key}_{name}.log"
-        with server([*cmd, str(port)], server_env, port, ready, log) as proc:
+    with contextlib.ExitStack() as stack:  # all servers up at once: their runs alternate (drift hits each alike)
+        ports: dict[str, tuple[int, subprocess.Popen]] = {}
+        for name, (cmd, server_env, ready) in servers.items():
+            port = free_port()
+            console.print(f"  {LABELS[name]} on port {port} ...")
+            log = scratch / f"{m.key}_{name}.log"
+            ports[name] = (port, stack.enter_context(server([*cmd, str(port)], server_env, port, ready, log)))
+        for name, (port, _) in ports.items():  # first requests are slow (allocations, lazy set-up): not measured
             result[name] = {}
-            for loadgen in args.loadgen:
-                for clients in args.clients:
-                    stats0 = worker_stats(port) if name == "service" else {}
-                    cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
-                    r = run_load(port, files_txt, clients, args.seconds, args.warmup, loadgen)
-                    cpu = tree_cpu_seconds(proc.pid) - cpu0
-                    r["server_cpu_cores"] = cpu / (time.perf_counter() - t0)
-                    r["server_cpu_ms_per_request"] = 1000 * cpu / max(r["requests_with_warmup"], 1)
-                    r["mean_batch_size"] = mean_batch(stats0, worker_stats(port)) if name == "service" else None
-                    result[name][f"{loadgen}:{clients}"] = r
-                    batch = f", mean batch {r['mean_batch_size']:.1f}" if r["mean_batch_size"] else ""
-                    if r.get("client_pool_retries") is not None:
-                        batch += (
-                            f", pool retries {r['client_pool_retries'] / max(r['requests_with_warmup'], 1):.2f}/request"
-                        )
-                    console.print(
-                        f"    {loadgen:>14} {clients:>3} clients: {r['requests_per_s']:8.1f} req/s  p50 "
-                        f"{r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  server CPU "
-                        f"{r['server_cpu_ms_per_request']:.1f} ms/request ({r['server_cpu_cores']:.2f} cores), "
-                        f"load generator {r['loadgen_cpu_fraction']:.2f} cores{batch}"
-                    )
-                    for sample in r["error_samples"][:2]:
-                        console.print(f"      [red]error[/]: {sample}", markup=False)
+            run_load(port, files_txt, 8, max(args.warmup, 1.0), 0.0)
+        slice_s = args.seconds / args.repeats
+        for loadgen in args.loadgen:
+            for clients in args.clients:
+                slices: dict[str, list[dict]] = {name: [] for name in servers}
+                for rep in range(args.repeats):  # A B, B A, A B, ...: a steady drift cancels out too
+                    for name, (port, proc) in list(ports.items())[:: -1 if rep % 2 else 1]:
+                        slices[name].append(measure_slice(name, port, proc, files_txt, clients, slice_s, args, loadgen))
+                for name, runs in slices.items():
+                    r = result[name][f"{loadgen}:{clients}"] = pool_slices(runs)
+                    print_run(LABELS[name].split(" (")[0], loadgen, clients, r)
     return result
+
+
+def measure_slice(
+    name: str,
+    port: int,
+    proc: subprocess.Popen,
+    files_txt: Path,
+    clients: int,
+    seconds: float,
+    args: argparse.Namespace,
+    loadgen: str,
+) -> dict:
+    """One load-generator run against one server, with the server's CPU use (and batches: our service)."""
+    stats0 = worker_stats(port) if name == "service" else {}
+    cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
+    r = run_load(port, files_txt, clients, seconds, args.warmup, loadgen, latencies=True)
+    r["server_cpu_s"] = tree_cpu_seconds(proc.pid) - cpu0
+    r["elapsed_s"] = time.perf_counter() - t0
+    r["batch_counts"] = batch_counts(stats0, worker_stats(port)) if name == "service" else None
+    return r
+
+
+def pool_slices(runs: list[dict]) -> dict:
+    """Alternating runs of one server -> one result: their latencies pooled, counts summed; the spread kept."""
+    import numpy as np
+
+    lat = np.concatenate([np.asarray(r.pop("latencies_ms"), dtype=float) for r in runs])
+    n_ok = sum(r["requests"] - r["errors"] for r in runs)
+    window = sum(r["seconds"] for r in runs)
+    pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [float("nan")] * 3
+    out = {
+        "clients": runs[0]["clients"],
+        "client": runs[0]["client"],
+        "seconds": window,
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "requests_per_s": n_ok / window if window else 0.0,
+        "p50_ms": float(pct[0]),
+        "p95_ms": float(pct[1]),
+        "p99_ms": float(pct[2]),
+        "mean_ms": float(lat.mean()) if len(lat) else float("nan"),
+        "max_ms": float(lat.max()) if len(lat) else float("nan"),
+        "requests_with_warmup": sum(r["requests_with_warmup"] for r in runs),
+        "loadgen_cpu_fraction": sum(r["loadgen_cpu_fraction"] for r in runs) / len(runs),
+        "status_counts": dict(sum((Counter(r["status_counts"]) for r in runs), Counter())),
+        "no_retry_after_503s": sum(r["no_retry_after_503s"] for r in runs),
+        "client_pool_retries": None,
+        "error_kinds": dict(sum((Counter(r["error_kinds"]) for r in runs), Counter())),
+        "error_samples": [e for r in runs for e in r["error_samples"]][:5],
+        "slices": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")} for r in runs],
+    }
+    if all(r["client_pool_retries"] is not None for r in runs):
+        out["client_pool_retries"] = sum(r["client_pool_retries"] for r in runs)
+    cpu, elapsed = sum(r["server_cpu_s"] for r in runs), sum(r["elapsed_s"] for r in runs)
+    out["server_cpu_cores"] = cpu / elapsed if elapsed else 0.0
+    out["server_cpu_ms_per_request"] = 1000 * cpu / max(out["requests_with_warmup"], 1)
+    counts = [r["batch_counts"] for r in runs if r["batch_counts"] is not None]
+    batches, items = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    out["mean_batch_size"] = items / batches if batches else None
+    return out
+
+
+def print_run(label: str, loadgen: str, clients: int, r: dict) -> None:
+    """One console line per (server, client, clients): pooled numbers, then each slice's p50."""
+    extra = f", mean batch {r['mean_batch_size']:.1f}" if r["mean_batch_size"] else ""
+    if r.get("client_pool_retries") is not None:
+        extra += f", pool retries {r['client_pool_retries'] / max(r['requests_with_warmup'], 1):.2f}/request"
+    spread = "/".join(f"{s['p50_ms']:.1f}" for s in r["slices"])
+    console.print(
+        f"    {label:<16} {loadgen:>14} {clients:>3} clients: {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} "
+        f"ms (runs {spread})  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  server CPU "
+        f"{r['server_cpu_ms_per_request']:.1f} ms/request ({r['server_cpu_cores']:.2f} cores), "
+        f"load generator {r['loadgen_cpu_fraction']:.2f} cores{extra}"
+    )
+    for sample in r["error_samples"][:2]:
+        console.print(f"      [red]error[/]: {sample}", markup=False)
 
 
 def report(results: dict, clients: list[int], loadgens: list[str]) -> list[tuple[str, bool]]:
@@ -358,12 +438,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,32", help="comma-separated concurrent client counts")
     p.add_argument("--seconds", type=float, default=None, help="recorded load per run (default 10; --quick 2)")
     p.add_argument("--warmup", type=float, default=None, help="unrecorded load first (default 2; --quick 0.5)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="each load is split into this many runs that alternate between the servers, pooled (default 3; "
+        "--quick 1): slow drift of a noisy machine then hits the baseline and ours alike",
+    )
     p.add_argument("--images", type=int, default=None, help="distinct request images (default 500; --quick 64)")
     p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")
     p.add_argument(
         "--loadgen",
-        default="raw,httpx,httpx-per-task",
-        help="comma-separated clients: raw (sockets), httpx (one shared AsyncClient), httpx-per-task (one each)",
+        default=",".join(CLIENTS),
+        help="comma-separated clients: raw (sockets), httpx (one shared AsyncClient), httpx-per-task (one each), "
+        "aiohttp (one shared ClientSession)",
     )
     p.add_argument("--variants", default="baseline,service", help=f"servers to run: {', '.join(LABELS)}")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="only the soak run, this long")
@@ -374,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 2.0)
     args.images = args.images or (64 if args.quick else 500)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     args.inproc_seconds = 1.0 if args.quick else 5.0
     return args
 
@@ -390,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
         except ValueError:
             raise BenchError(f"--clients {args.clients!r}: expected comma-separated integers") from None
-        if not args.clients or min(args.clients) < 1 or args.seconds <= 0 or args.images < 1:
-            raise BenchError("--clients, --seconds and --images must be positive")
+        if not args.clients or min(args.clients) < 1 or args.seconds <= 0 or args.images < 1 or args.repeats < 1:
+            raise BenchError("--clients, --seconds, --images and --repeats must be positive")
         root = data_root(args.data_root)
         with tempfile.TemporaryDirectory(prefix="svertka-serve-load-") as tmp:
             scratch = Path(tmp)

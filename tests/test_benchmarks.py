@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -38,6 +39,8 @@ def _load(handler, client: str, clients: int, seconds: float, requests: list[byt
             timeout=5.0,
             client=client,
             path="/",
+            field="image",
+            form=["top_k=3"],
         )
         async with server:
             return await _loadgen.run(args, requests, [("a.png", b"x")])
@@ -53,18 +56,20 @@ def test_request_is_valid_multipart() -> None:
     assert b"PNGDATA" in body and b'name="top_k"\r\n\r\n3' in body
 
 
-@pytest.mark.parametrize("client", ["raw", "httpx", "httpx-per-task"])
+@pytest.mark.parametrize("client", _loadgen.CLIENTS)
 def test_counts_requests_and_errors(client: str) -> None:
     """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies.
 
-    Every load generator: the raw-socket client, one shared ``httpx.AsyncClient``, one per client.
+    Every load generator: the raw-socket client, one shared ``httpx.AsyncClient``, one per client, one
+    shared ``aiohttp.ClientSession``. The httpx and aiohttp uploads carry the file in ``image`` and the
+    extra text field (checked in what the server read).
     """
-    calls = {"n": 0}
+    calls = {"n": 0, "body": b""}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                await _read_request(reader)
+                calls["body"] = await _read_request(reader)
                 calls["n"] += 1
                 status = b"200 OK" if calls["n"] % 2 else b"500 Internal Server Error"
                 if calls["n"] % 4 < 2:
@@ -80,6 +85,10 @@ def test_counts_requests_and_errors(client: str) -> None:
     assert out["errors"] == pytest.approx(out["requests"] / 2, abs=2)
     assert out["error_kinds"] == {"HTTP 500": out["errors"]}
     assert 0 < out["p50_ms"] <= out["p99_ms"]
+    if client != "raw":  # the raw client sends the prebuilt bytes it was given
+        body = calls["body"]
+        assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body
+        assert b'name="top_k"\r\n\r\n3\r\n' in body
 
 
 @pytest.mark.parametrize("client", ["httpx", "httpx-per-task"])
@@ -119,7 +128,16 @@ def test_shared_httpx_pool_races_when_answers_arrive_together(client: str) -> No
 
 def test_refused_connection_is_an_error() -> None:
     args = argparse.Namespace(
-        host="127.0.0.1", port=1, clients=1, seconds=0.2, warmup=0.0, timeout=1.0, client="raw", path="/"
+        host="127.0.0.1",
+        port=1,
+        clients=1,
+        seconds=0.2,
+        warmup=0.0,
+        timeout=1.0,
+        client="raw",
+        path="/",
+        field="image",
+        form=[],
     )
     out = asyncio.run(_loadgen.run(args, [b"x"], []))
     assert out["requests"] > 0 and out["errors"] == out["requests"] and out["requests_per_s"] == 0
@@ -179,3 +197,29 @@ def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path
     for bad in ("service:A=1", "x:A", f"x@{tmp_path / 'nope'}"):
         with pytest.raises(BenchError):
             serve_cpu.parse_variant(bad)
+
+
+def test_serve_load_pools_alternating_runs() -> None:
+    """serve_load splits each load into runs alternating between the servers, then pools each server's runs:
+    percentiles over all latencies together (not a mean of per-run percentiles), counts summed, spread kept."""
+    import serve_load
+
+    def run(lat: list[float], errors: int, batches: tuple[int, int] | None, retries: int | None) -> dict:
+        return {
+            "clients": 2, "client": "raw", "seconds": 2.0, "requests": len(lat), "errors": errors,
+            "requests_per_s": (len(lat) - errors) / 2.0, "p50_ms": float(np.median(lat)), "p99_ms": max(lat),
+            "requests_with_warmup": len(lat) + 5, "loadgen_cpu_fraction": 0.2, "status_counts": {"200": len(lat)},
+            "no_retry_after_503s": 0, "client_pool_retries": retries, "latencies_ms": lat, "server_cpu_s": 1.0,
+            "error_kinds": {"HTTP 500": errors} if errors else {}, "error_samples": ["HTTP 500: x"] if errors else [],
+            "elapsed_s": 2.5, "batch_counts": batches,
+        }  # fmt: skip
+
+    fast, slow = [1.0] * 60, [10.0] * 40
+    r = serve_load.pool_slices([run(fast, 0, (30, 60), 3), run(slow, 2, (10, 40), None)])
+    assert r["requests"] == 100 and r["errors"] == 2 and r["requests_per_s"] == pytest.approx(98 / 4.0)
+    assert r["p50_ms"] == 1.0 and r["p99_ms"] == 10.0  # 60 of the 100 pooled latencies are 1 ms
+    assert [s["p50_ms"] for s in r["slices"]] == [1.0, 10.0]
+    assert r["mean_batch_size"] == pytest.approx(100 / 40) and r["client_pool_retries"] is None
+    assert r["server_cpu_ms_per_request"] == pytest.approx(2000 / 110) and r["server_cpu_cores"] == pytest.approx(0.4)
+    assert r["error_kinds"] == {"HTTP 500": 2} and r["status_counts"] == {"200": 100}
+    assert "latencies_ms" not in r

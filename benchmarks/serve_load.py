@@ -19,11 +19,13 @@ seconds after a warm-up), with its raw-socket clients, with one plain ``httpx.As
 holding N keep-alive connections, with N ``httpx.AsyncClient``s of one connection each, and with
 one plain ``aiohttp.ClientSession`` of N connections (``--loadgen``; the shared httpx pool's
 retries, an httpcore race, are reported: see ``_loadgen.py``).
-The servers run side by side: each load (``--seconds``) is split into ``--repeats`` runs that
-alternate between them (baseline, ours, ours, baseline, ...), and each server's runs are pooled
-(latencies merged, counts summed; each run's p50 is printed too), so the slow drift of a noisy
-machine hits both alike. After each run against our service it reads ``GET /stats`` of every
-worker: the mean forward batch size. Models:
+The servers run side by side and take turns (baseline, ours, then ours, baseline, ...), so the
+slow drift of a noisy machine hits both alike. A one-client load, whose check is a ratio of
+medians of ~1 ms, is split into ``--repeats`` short alternating runs per server, pooled
+(latencies merged, counts summed; each run's p50 printed too); loads of more clients run once per
+server, continuously, since a fresh set of connections takes the service a second or two to
+spread over its workers and a p99 needs a long steady run. After each run against our service it
+reads ``GET /stats`` of every worker: the mean forward batch size. Models:
 ``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound) and ``resnet18`` on UTKFace 200x200
 JPEGs resized to 224 (compute-bound), both with random weights (throughput does not depend on
 them). Images come from ``--data-root`` or ``$DATASETS_DIR``; without either, synthetic images
@@ -208,13 +210,19 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
         for name, (port, _) in ports.items():  # first requests are slow (allocations, lazy set-up): not measured
             result[name] = {}
             run_load(port, files_txt, 8, max(args.warmup, 1.0), 0.0)
-        slice_s = args.seconds / args.repeats
+        turn = 0
         for loadgen in args.loadgen:
             for clients in args.clients:
+                # One client: short runs alternating A B, B A, A B (a steady drift cancels out too). More
+                # clients: one long run each (a fresh set of connections takes the service a second or two
+                # to spread over its workers, and a p99 needs a long steady run), still in alternating order.
+                repeats = args.repeats if clients == 1 else 1
                 slices: dict[str, list[dict]] = {name: [] for name in servers}
-                for rep in range(args.repeats):  # A B, B A, A B, ...: a steady drift cancels out too
-                    for name, (port, proc) in list(ports.items())[:: -1 if rep % 2 else 1]:
-                        slices[name].append(measure_slice(name, port, proc, files_txt, clients, slice_s, args, loadgen))
+                for _ in range(repeats):
+                    for name, (port, proc) in list(ports.items())[:: -1 if turn % 2 else 1]:
+                        r = measure_slice(name, port, proc, files_txt, clients, args.seconds / repeats, args, loadgen)
+                        slices[name].append(r)
+                    turn += 1
                 for name, runs in slices.items():
                     r = result[name][f"{loadgen}:{clients}"] = pool_slices(runs)
                     print_run(LABELS[name].split(" (")[0], loadgen, clients, r)
@@ -442,8 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="each load is split into this many runs that alternate between the servers, pooled (default 3; "
-        "--quick 1): slow drift of a noisy machine then hits the baseline and ours alike",
+        help="one-client loads are split into this many runs that alternate between the servers, pooled "
+        "(default 3; --quick 1): slow drift of a noisy machine then hits the baseline and ours alike",
     )
     p.add_argument("--images", type=int, default=None, help="distinct request images (default 500; --quick 64)")
     p.add_argument("--data-root", default=None, help="data sets folder (default: $DATASETS_DIR)")

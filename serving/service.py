@@ -28,6 +28,7 @@ import gc
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,11 +63,14 @@ class ThreadsByLoad:
     load, small batches are common while many requests wait in decoding.
 
     A lone request goes solo only when a one-input forward *at the busy thread count* takes at least
-    ``min_solo_ms`` (measured; the first, cold one is not counted): waking more threads for a fast
-    forward costs more than it saves (simple_cnn, one client: p50 ~2.1 ms at 2 threads, ~1.5 ms at
-    1; docs/RESULTS.md). Only busy-thread timings decide, so a solo forward slowed down by its own
-    spinning threads cannot keep itself solo; every ``resample_every``-th lone forward runs at the
-    busy count to keep that timing fresh. Called in the forward thread or on the event loop.
+    ``min_solo_ms``: waking more threads for a fast forward costs more than it saves (simple_cnn, one
+    client: p50 ~2.1 ms at 2 threads, ~1.5 ms at 1; docs/RESULTS.md). Only busy-thread timings
+    decide, so a solo forward slowed down by its own spinning threads cannot keep itself solo; every
+    ``resample_every``-th lone forward runs at the busy count to keep them fresh. The estimate is the
+    fastest of the last ``window`` such timings (after ``samples`` of them; the first, cold one is not
+    counted): a model's forward costs the same each time and a machine hiccup only ever adds, so one
+    slow sample cannot send a fast model solo for the next ``resample_every`` requests (a moving
+    average did). Called in the forward thread or on the event loop.
     """
 
     def __init__(
@@ -76,10 +80,12 @@ class ThreadsByLoad:
         solo: int,
         min_solo_ms: float = 0.0,
         resample_every: int = 500,
+        samples: int = 3,
+        window: int = 8,
     ) -> None:
         self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
-        self.resample_every = resample_every
-        self.busy_single_s = math.inf  # seconds of a one-input forward at `busy` threads (moving average)
+        self.resample_every, self.samples = resample_every, samples
+        self.busy_times: deque[float] = deque(maxlen=window)  # seconds of recent one-input forwards at `busy`
         self.busy_singles = self.lone = 0
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,8 @@ class ThreadsByLoad:
         alone = single and _load() <= 1
         self.lone += alone
         resample = self.lone % self.resample_every == 0
-        solo = alone and not resample and self.busy_single_s != math.inf and self.busy_single_s >= self.min_solo_s
+        known = len(self.busy_times) >= self.samples
+        solo = alone and not resample and known and min(self.busy_times) >= self.min_solo_s
         want = self.solo if solo else self.busy
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
@@ -97,10 +104,8 @@ class ThreadsByLoad:
         out = self.fn(batch)
         seconds = time.perf_counter() - t0
         self.busy_singles += 1
-        if self.busy_singles == 2:  # the first one was cold (allocations, thread pool start): not counted
-            self.busy_single_s = seconds
-        elif self.busy_singles > 2:
-            self.busy_single_s = 0.8 * self.busy_single_s + 0.2 * seconds
+        if self.busy_singles > 1:  # the first one was cold (allocations, thread pool start): not counted
+            self.busy_times.append(seconds)
         return out
 
 

@@ -894,18 +894,31 @@ def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypat
             fast = service.ThreadsByLoad(forward(0.0, fast_seen, 1.5), busy=1, solo=2, min_solo_ms=1000)
             slow_seen: list[int] = []
             slow = service.ThreadsByLoad(forward(0.03, slow_seen), busy=1, solo=2, min_solo_ms=5, resample_every=5)
-            for _ in range(6):
+            # fast, but its first timed forward hits a hiccup (20 ms): the fastest recent timing still says fast
+            # (a moving average started at 20 ms went solo, and stayed there until its next re-timing)
+            hiccup_seen: list[int] = []
+            hiccups = iter([0, 0.02] + [0] * 20)
+
+            def hiccup_fn(batch: torch.Tensor) -> torch.Tensor:
+                hiccup_seen.append(torch.get_num_threads())
+                time.sleep(next(hiccups))
+                return batch
+
+            hiccup = service.ThreadsByLoad(hiccup_fn, busy=1, solo=2, min_solo_ms=10, samples=2)
+            for _ in range(10):
                 fast(one)
                 slow(one)
+                hiccup(one)
             slow(torch.zeros(4, 1, 2, 2))  # a batch: busy threads whatever its speed
             service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=5)  # other clients: busy
             slow(one)
         finally:
             service.ADMISSION.pop("this", None)
             torch.set_num_threads(threads)
-    assert fast_seen == [1] * 6
-    # busy twice (the first cold, not counted), then solo; the 5th lone forward re-times at the busy count
-    assert slow_seen == [1, 1, 2, 2, 1, 2, 1, 1]
+    assert fast_seen == [1] * 10 and hiccup_seen == [1] * 10
+    # timed at the busy count 4 times (the first cold, not counted; then 3 samples), then solo; the 5th and
+    # 10th lone forwards re-time at the busy count
+    assert slow_seen == [1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1]
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

@@ -24,6 +24,7 @@ exits 1, without a traceback.
     SVERTKA_ACCESS_LOG        1: log every request                          (0)
     SVERTKA_METRICS           1: Prometheus metrics at /metrics             (0)
     SVERTKA_TRACING           1: BentoML's OpenTelemetry middleware on each request (0)
+    SVERTKA_FULL_GC_S         seconds between full garbage collections; 0: Python's own schedule (300)
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Settings:
     access_log: bool
     metrics: bool
     tracing: bool
+    full_gc_s: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +127,9 @@ class Settings:
             # and each message sent) even at its default sample rate of 0, which records nothing: 0.5-0.7
             # ms of CPU per request (docs/RESULTS.md). Off unless asked for (with a tracing exporter configured).
             tracing=_int(env, "SVERTKA_TRACING", 0) > 0,
+            # Python's automatic full collections scanned BentoML's per-request 60 s timers (~160k objects
+            # per worker under load) every ~1.4 s, stalling the worker 45-140 ms each time (docs/SERVING.md).
+            full_gc_s=_int(env, "SVERTKA_FULL_GC_S", 300),
         )
 
     def check_models(self) -> None:

@@ -958,3 +958,29 @@ def test_bentoml_build_packs_service_and_models(store: dict) -> None:
     for f in ("serving/service.py", "serving/predictor.py", "serving/static/index.html", "models/bundle.py",
               "data/preprocess.py"):  # fmt: skip
         assert (bento / "src" / f).is_file(), f
+
+
+def test_full_collections_run_on_a_timer_not_on_pythons_schedule(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVERTKA_FULL_GC_S: Python's automatic full collections are off; a thread runs one every N seconds."""
+    import gc
+
+    full: list[float] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(time.monotonic())
+
+    threshold = gc.get_threshold()
+    with service_module(store, monkeypatch) as service:
+        gc.callbacks.append(seen)
+        stop = service.full_collections_every(0.2)
+        try:
+            assert gc.get_threshold()[:2] == threshold[:2] and gc.get_threshold()[2] >= 10**9
+            deadline = time.monotonic() + 10
+            while len(full) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            gc.callbacks.remove(seen)
+            gc.set_threshold(*threshold)
+    assert len(full) >= 2 and full[1] - full[0] >= 0.1

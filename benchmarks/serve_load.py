@@ -302,7 +302,7 @@ def print_run(label: str, loadgen: str, clients: int, r: dict) -> None:
         f"load generator {r['loadgen_cpu_fraction']:.2f} cores{extra}"
     )
     for sample in r["error_samples"][:2]:
-        console.print(f"      [red]error[/]: {sample}", markup=False)
+        console.print(f"      error: {sample}", markup=False, style="red")
 
 
 def report(results: dict, clients: list[int], loadgens: list[str]) -> list[tuple[str, bool]]:

@@ -12,19 +12,30 @@ How: each worker counts the client connections it served in the last ``window_s`
 the count in a tiny shared file (one int32 slot per worker). A worker holding more than its share
 (``ceil(total / workers)``, plus ``slack``) answers the current request normally but with
 ``Connection: close``; the client reconnects, and the accept goes to whichever worker is idle in
-its event loop first (usually the less loaded one). A balanced service closes nothing.
+its event loop first. A balanced service closes nothing.
 
-A connection it closed still counts in the worker's published number for ``leave_s``, until its
-client is back (on either worker): otherwise the total would drop as a worker sheds, the share
-with it, and the worker would shed again and again. That lets the closes come fast (one per
-``cooldown_s``, 10 ms) without overshooting: a slow model's requests arrive in bursts, one per
-forward batch, and at one close per 50 ms (the earlier rule, without that accounting) all 32
-connections on one resnet18 worker took 9-10 s to even out; now ~2-4 s. Not faster still: closed
-clients that reconnect at the same moment are a burst of accepts again, which one worker takes.
+Three rules make it converge in one round, which matters for a slow model: its requests arrive in
+bursts one forward batch apart, and the first answers to a fresh set of connections come only
+after the crowded worker's whole queue (1.5 s for 30 resnet18 requests on one worker).
+- A closed connection stays in the worker's published number until ``leave_s`` after its close
+  went out, or until a new client shows up here (most likely it, back): otherwise the total would
+  drop as a worker sheds, the share with it, and the worker would shed again and again.
+- A closed client comes back to the same worker with odds ``1 / workers`` (measured: 8 of 13 came
+  back, 5 moved, when one worker closed its excess of 13). So a worker sheds until its own count
+  plus the closed ones it expects back is within its share: 30 here and 2 there, it closes 26 and
+  keeps 4, expecting 13 of them back.
+- The decision is made when a request arrives, but the responses that carry a close leave
+  ``spacing_s`` (10 ms) apart: closed clients that reconnect at the same moment are one burst of
+  accepts, and one worker's accept loop takes a whole burst.
+Measured with 32 raw clients on fresh connections (2 workers, 2 cores), from the shared counts
+file: resnet18 even (15-17 a side) ~1.5-3.5 s after the start, within the first round of answers
+(it was 2-4 s with one close per 10 ms and no expected returns; 9-10 s at one close per 50 ms
+before the accounting); simple_cnn within 1.5 s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import mmap
 import os
@@ -55,13 +66,13 @@ class ConnectionBalancer:
         workers: int,
         window_s: float = 2.0,
         slack: int = 1,
-        cooldown_s: float = 0.01,
+        spacing_s: float = 0.01,
         leave_s: float = 1.0,
     ) -> None:
-        self.app, self.workers, self.window_s, self.slack, self.cooldown_s = app, workers, window_s, slack, cooldown_s
+        self.app, self.workers, self.window_s, self.slack, self.spacing_s = app, workers, window_s, slack, spacing_s
         self.leave_s = leave_s
         self.last_seen: dict[tuple[str, int], float] = {}  # client (host, port) -> last request time
-        self.leaving: dict[tuple[str, int], float] = {}  # connections this worker closed -> when
+        self.leaving: dict[tuple[str, int], float] = {}  # connections this worker closed -> when the close went out (inf: queued)
         self.slots: memoryview | None = None
         self.index = 0
         self.next_prune = self.next_close = 0.0
@@ -101,6 +112,10 @@ class ConnectionBalancer:
             return await self.app(scope, receive, send)
         now = time.monotonic()
         key = (client[0], client[1])
+        if key not in self.last_seen and self.leaving:  # most likely a client this worker closed, back here
+            sent = min(self.leaving, key=self.leaving.__getitem__)
+            if self.leaving[sent] < math.inf:
+                del self.leaving[sent]
         self.last_seen[key] = now
         if now >= self.next_prune:
             cutoff = now - self.window_s
@@ -110,17 +125,27 @@ class ConnectionBalancer:
         mine = len(self.last_seen)
         self.slots[self.index] = mine + len(self.leaving)
         share = math.ceil(sum(self.slots) / self.workers)
-        if mine <= share + self.slack or now < self.next_close:
+        # Count the closed clients expected back here (1 in `workers`), so that one round of closes sheds the excess.
+        if mine + len(self.leaving) / self.workers <= share + self.slack:
             return await self.app(scope, receive, send)
-        self.next_close = now + self.cooldown_s
         self.closed += 1
         del self.last_seen[key]
-        self.leaving[key] = now
+        self.leaving[key] = math.inf  # counted from when the close goes out: a queued request may wait seconds
 
         async def closing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                # Take the next free slot, spacing_s after the previous close, so that reconnects come one by one.
+                now = time.monotonic()
+                wait, self.next_close = max(0.0, self.next_close - now), max(now, self.next_close) + self.spacing_s
+                if wait:
+                    await asyncio.sleep(wait)
+                self.leaving[key] = time.monotonic()
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
-        await self.app(scope, receive, closing_send)
+        try:
+            await self.app(scope, receive, closing_send)
+        finally:
+            if self.leaving.get(key) == math.inf:  # no response went out (the client left): stop counting it soon
+                self.leaving[key] = time.monotonic()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from pathlib import Path
 
 import bentoml
@@ -94,40 +96,105 @@ def test_admission_counts_the_clients_of_the_last_window() -> None:
     assert asyncio.run(main()) == [1, 3, 1]
 
 
-def test_balancer_closes_a_connection_only_when_this_worker_holds_more_than_its_share(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> None:
-    async def app(scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
-        await send({"type": "http.response.body", "body": b"ok"})
+@pytest.fixture
+def worker_one(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """This process poses as worker 1 of 2 under `bentoml serve`, with its counts file in a temporary folder."""
+    import tempfile
 
     monkeypatch.setattr(bentoml.server_context, "worker_index", 1)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    import tempfile
-
     monkeypatch.setattr(tempfile, "tempdir", None)
 
+
+async def answer_ok(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def client(port: int) -> dict:
+    return http_scope(client=("127.0.0.1", 6000 + port))
+
+
+def test_balancer_keeps_connections_while_this_worker_holds_no_more_than_its_share(worker_one) -> None:
     async def main() -> list[str | None]:
-        balancer = ConnectionBalancer(app, workers=2, cooldown_s=0.0)
+        balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.0)
         closes = []
-        for port in range(6):  # connections 1..6 here, none on worker 2: share ceil(n / 2), plus 1 slack
-            _, headers, _ = await call(balancer, http_scope(client=("127.0.0.1", 6000 + port)))
+        for port in range(4):  # connections 1..4 here, none on worker 2: share ceil(n / 2), plus 1 slack
+            _, headers, _ = await call(balancer, client(port))
             closes.append(headers.get("connection"))
-        # Each closed one leaves this worker's own count but stays in its published one until its client is back:
-        # 6 connections, none on worker 2 -> 4 kept here (share 3, plus 1 slack), 2 on their way elsewhere.
-        assert len(balancer.last_seen) == 4 and len(balancer.leaving) == 2 and balancer.closed == 2
-        assert balancer.slots[0] == 6
+        assert balancer.slots[0] == 4 and len(balancer.last_seen) == 3 and len(balancer.leaving) == 1
         balancer.slots[1] = 8  # worker 2 now holds 8: this one is under its share, nothing to shed
-        _, headers, _ = await call(balancer, http_scope(client=("127.0.0.1", 6001)))
-        closes.append(headers.get("connection"))
+        for port in range(3):
+            _, headers, _ = await call(balancer, client(port))
+            closes.append(headers.get("connection"))
         return closes
 
     closes = asyncio.run(main())
     assert closes[:3] == ["keep-alive"] * 3  # 3 <= ceil(3 / 2) + 1
     assert closes[3] == "close"  # 4 > ceil(4 / 2) + 1: the client reconnects, maybe to the other worker
-    assert closes[4] == "keep-alive"  # 3 here + 1 new, 1 leaving: 4 <= ceil(5 / 2) + 1 (not 4 > ceil(4 / 2) + 1)
-    assert closes[5] == "close"  # 5 here, 1 leaving: 5 > ceil(6 / 2) + 1
-    assert closes[6] == "keep-alive"
+    assert closes[4:] == ["keep-alive"] * 3
+
+
+def test_balancer_sheds_the_whole_excess_in_one_round_counting_the_clients_expected_back(worker_one) -> None:
+    async def main() -> ConnectionBalancer:
+        balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.0)
+        balancer.slots = balancer._open_slots(client(0))
+        balancer.slots[1] = 30  # while worker 2 reports 30, all 30 connections that arrive here are within the share
+        for port in range(30):
+            assert (await call(balancer, client(port)))[1]["connection"] == "keep-alive"
+        balancer.slots[1] = 2  # ... then it turns out to hold 2: 30 here, 2 there
+        for port in range(30):  # the next request on each connection
+            await call(balancer, client(port))
+        return balancer
+
+    balancer = asyncio.run(main())
+    # Half of the closed clients are expected back: keeping 4 and closing 26 leaves 4 + 13 here, 2 + 13 there.
+    # (Shedding only the excess, 13, would leave 17 + 6.5 here on average and take round after round.)
+    assert balancer.closed == 26 and len(balancer.last_seen) == 4
+    assert balancer.slots[0] == 30  # closed connections still count in the total until their clients are back
+    asyncio.run(call(balancer, client(100)))  # a new client here: most likely one of them, back, not one more
+    assert balancer.slots[0] == 30
+
+
+def test_balancer_spaces_the_closes_and_counts_a_queued_one_until_it_goes_out(worker_one) -> None:
+    sent_at: list[float] = []
+
+    async def main() -> None:
+        gate, held = asyncio.Event(), set()
+
+        async def slow_app(scope, receive, send) -> None:
+            if scope["client"] in held:
+                await gate.wait()
+            await answer_ok(scope, receive, send)
+
+        balancer = ConnectionBalancer(slow_app, workers=2, spacing_s=0.05, leave_s=0.0)
+        balancer.slots = balancer._open_slots(client(0))
+        balancer.slots[1] = 20
+        for port in range(10):
+            await call(balancer, client(port))
+        balancer.slots[1] = 0
+
+        async def timed(port: int) -> str:
+            _, headers, _ = await call(balancer, client(port))
+            sent_at.append(time.monotonic())
+            return headers["connection"]
+
+        held.add(("127.0.0.1", 6009))
+        queued = asyncio.create_task(timed(9))  # its answer waits (a forward queue): counted, not pruned
+        await asyncio.sleep(0.01)
+        assert balancer.leaving == {("127.0.0.1", 6009): math.inf}
+        answers = await asyncio.gather(*(timed(port) for port in range(3)))
+        assert answers == ["close"] * 3
+        balancer.next_prune = 0.0
+        await call(balancer, client(5))  # prunes: the three sent closes are gone (leave_s 0), the queued one stays
+        assert ("127.0.0.1", 6009) in balancer.leaving
+        assert not {("127.0.0.1", 6000 + port) for port in range(3)} & set(balancer.leaving)
+        gate.set()
+        assert await queued == "close"
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(sent_at, sent_at[1:])]
+    assert len(gaps) == 3 and min(gaps) >= 0.045  # one close per spacing_s: reconnects do not come as one burst
 
 
 def test_settings_parse_once_with_one_clear_error() -> None:

@@ -21,6 +21,8 @@ Imports neither Lightning nor ``training``.
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,34 @@ def auto_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def trace_for_cpu(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module | None, str]:
+    """``model`` as TorchScript frozen for inference (``torch.jit.optimize_for_inference``), or ``None`` and why not.
+
+    On a CPU this folds batch norms into the convolutions and runs them through oneDNN: resnet18,
+    one thread, 25-28 % less time per forward at batch sizes 1-16; simple_cnn ~3 % (docs/SERVING.md).
+    Traced, so only for models without data-dependent control flow (every architecture here); the
+    traced module is checked against the model itself on random batches of two sizes, and not used
+    if any output differs by more than 1e-3 of the output's scale. Runs no file: the model is
+    already loaded.
+    """
+    c, h, w = input_shape
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape checks: the input size is fixed here
+            traced = torch.jit.optimize_for_inference(torch.jit.trace(model, torch.randn(2, c, h, w)))
+            for n in (1, 3):
+                x = torch.randn(n, c, h, w)
+                want, got = model(x), traced(x)
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                    return None, "traced output has another shape"
+                scale = float(want.abs().max()) or 1.0
+                if float((got - want).abs().max()) > 1e-3 * scale:
+                    return None, f"traced output differs from the model's (batch of {n})"
+    except Exception as e:  # noqa: BLE001 - anything tracing cannot handle: run the model as it is
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return traced, "torchscript"
 
 
 @dataclass
@@ -136,6 +166,7 @@ class Predictor:
         device: str | torch.device | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         face_settings: DetectSettings | None = None,
+        optimize: bool = False,
     ) -> None:
         self.device = auto_device(device)
         if isinstance(bundle, tuple):
@@ -146,6 +177,14 @@ class Predictor:
         self.model = model
         self.max_pixels = max_pixels
         self.spec = self.meta.preprocess
+        # optimize (CPU only): the forward runs as TorchScript frozen for inference (trace_for_cpu), if it
+        # traces and matches the model. `forward_mode` says which: "eager", "torchscript" or why not.
+        self.forward_model: nn.Module = model
+        self.forward_mode = "eager"
+        if optimize and self.device.type == "cpu":
+            traced, why = trace_for_cpu(model, (self.spec.channels, *self.spec.input_size))
+            self.forward_model = traced if traced is not None else model
+            self.forward_mode = why if traced is not None else f"eager ({why})"
         # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
@@ -202,10 +241,24 @@ class Predictor:
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` -> class probabilities ``(B, N)`` or clamped regression values ``(B,)``, on CPU."""
         x = batch.to(self.device, non_blocking=True)
-        out = heads.predict(self.model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
+        out = heads.predict(self.forward_model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
         if self.task != "classification":
             out = out.clamp(float(self.target.get("min", -np.inf)), float(self.target.get("max", np.inf)))
         return out.cpu()
+
+    def warm_up(self, max_batch_size: int, budget_s: float = 1.0) -> int:
+        """Run a forward at batch sizes 1, 2, ... ``max_batch_size`` until ``budget_s`` is spent; how many ran.
+
+        The first call at a batch size allocates, and TorchScript profiles it (simple_cnn: ~1 ms more
+        than later calls): better here, at start, than on the first requests.
+        """
+        c, (h, w) = self.spec.channels, self.spec.input_size
+        start = time.perf_counter()
+        for n in range(1, max_batch_size + 1):
+            self.predict_tensors(torch.zeros(n, c, h, w))
+            if time.perf_counter() - start > budget_s:
+                return n
+        return max_batch_size
 
     def format(self, output: torch.Tensor, top_k: int = 5) -> dict[str, Any]:
         """One row of ``predict_tensors`` -> ``{"label", "score", "top_k"}`` or ``{target name: value}``."""

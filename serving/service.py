@@ -293,7 +293,8 @@ class Svertka:
         for configured, ref in self.bento_models.items():
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
-            pred = Predictor(stored.path, device=SETTINGS.device, max_pixels=SETTINGS.max_pixels)
+            pred = Predictor(stored.path, SETTINGS.device, SETTINGS.max_pixels, optimize=SETTINGS.optimize)
+            pred.warm_up(SETTINGS.max_batch_size)
             self.predictors[full] = pred
             s = SETTINGS
             forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
@@ -303,6 +304,7 @@ class Svertka:
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
+            info["forward"] = pred.forward_mode
             info["input"]["max_body_bytes"] = SETTINGS.max_body_bytes
             self.models_info.append(info)
         # Everything loaded so far (BentoML, torch, pydantic: a million objects) lives as long as the

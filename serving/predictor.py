@@ -174,17 +174,17 @@ class Predictor:
             model = model.to(self.device).eval()
         else:
             model, self.meta = load_bundle(bundle, device=self.device)
-        self.model = model
         self.max_pixels = max_pixels
         self.spec = self.meta.preprocess
         # optimize (CPU only): the forward runs as TorchScript frozen for inference (trace_for_cpu), if it
-        # traces and matches the model. `forward_mode` says which: "eager", "torchscript" or why not.
-        self.forward_model: nn.Module = model
+        # traces and matches the model; the module itself is then let go (the traced one has its own
+        # weights). `forward_mode` says which: "eager", "torchscript" or "eager (why not)".
         self.forward_mode = "eager"
         if optimize and self.device.type == "cpu":
             traced, why = trace_for_cpu(model, (self.spec.channels, *self.spec.input_size))
-            self.forward_model = traced if traced is not None else model
+            model = traced if traced is not None else model
             self.forward_mode = why if traced is not None else f"eager ({why})"
+        self.model = model
         # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
@@ -241,7 +241,7 @@ class Predictor:
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` -> class probabilities ``(B, N)`` or clamped regression values ``(B,)``, on CPU."""
         x = batch.to(self.device, non_blocking=True)
-        out = heads.predict(self.forward_model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
+        out = heads.predict(self.model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
         if self.task != "classification":
             out = out.clamp(float(self.target.get("min", -np.inf)), float(self.target.get("max", np.inf)))
         return out.cpu()

@@ -24,6 +24,7 @@ or ``SVERTKA_API_TOKEN_FILE`` set, everything but the health endpoints needs
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import math
 import os
@@ -75,6 +76,15 @@ def full_collections_every(seconds: float) -> threading.Event:
 
     threading.Thread(target=run, name="full-gc", daemon=True).start()
     return stop
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing): tracing a model for
+    SVERTKA_OPTIMIZE frees the model's own weights and its scratch, ~100 MB of RSS for resnet18."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ThreadsByLoad:
@@ -311,6 +321,7 @@ class Svertka:
         # worker: freeze it out of the garbage collector, whose full passes would otherwise stall
         # every in-flight request for hundreds of milliseconds (the p99 under load).
         gc.collect()
+        _trim_heap()
         gc.freeze()
         if SETTINGS.full_gc_s:
             full_collections_every(SETTINGS.full_gc_s)

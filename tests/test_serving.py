@@ -802,7 +802,7 @@ def test_predictor_optimized_forward_matches_the_model_and_falls_back_when_traci
     eager = Predictor(store["bundles"]["age"], device="cpu")
     fast = Predictor(store["bundles"]["age"], device="cpu", optimize=True)
     assert (eager.forward_mode, fast.forward_mode) == ("eager", "torchscript")
-    assert isinstance(fast.forward_model, torch.jit.ScriptModule)
+    assert isinstance(fast.model, torch.jit.ScriptModule) and not isinstance(eager.model, torch.jit.ScriptModule)
     x = torch.rand(5, 3, 32, 32)  # a batch size it was not traced at
     torch.testing.assert_close(fast.predict_tensors(x), eager.predict_tensors(x), atol=1e-3, rtol=1e-4)
     assert fast.warm_up(4, budget_s=60) == 4
@@ -821,8 +821,9 @@ def test_predictor_optimized_forward_matches_the_model_and_falls_back_when_traci
     traced, why = trace_for_cpu(Untraceable(), (3, 8, 8))
     assert traced is None and why
     _, meta = load_bundle(store["bundles"]["age"])
-    p = Predictor((ByBatchSize(), meta), device="cpu", optimize=True)
-    assert p.forward_mode.startswith("eager (") and p.forward_model is p.model  # the model as it is, and why
+    model = ByBatchSize()
+    p = Predictor((model, meta), device="cpu", optimize=True)
+    assert p.forward_mode.startswith("eager (") and p.model is model  # the model as it is, and why
 
 
 @contextmanager

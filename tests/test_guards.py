@@ -122,7 +122,7 @@ def test_balancer_keeps_connections_while_this_worker_holds_no_more_than_its_sha
         for port in range(4):  # connections 1..4 here, none on worker 2: share ceil(n / 2), plus 1 slack
             _, headers, _ = await call(balancer, client(port))
             closes.append(headers.get("connection"))
-        assert balancer.slots[0] == 4 and len(balancer.last_seen) == 3 and len(balancer.leaving) == 1
+        assert balancer.slots[0] == 4 and balancer.held == 3 and len(balancer.leaving) == 1
         balancer.slots[1] = 8  # worker 2 now holds 8: this one is under its share, nothing to shed
         for port in range(3):
             _, headers, _ = await call(balancer, client(port))
@@ -150,7 +150,7 @@ def test_balancer_sheds_the_whole_excess_in_one_round_counting_the_clients_expec
     balancer = asyncio.run(main())
     # Half of the closed clients are expected back: keeping 4 and closing 26 leaves 4 + 13 here, 2 + 13 there.
     # (Shedding only the excess, 13, would leave 17 + 6.5 here on average and take round after round.)
-    assert balancer.closed == 26 and len(balancer.last_seen) == 4
+    assert balancer.closed == 26 and balancer.held == 4
     assert balancer.slots[0] == 30  # closed connections still count in the total until their clients are back
     asyncio.run(call(balancer, client(100)))  # a new client here: most likely one of them, back, not one more
     assert balancer.slots[0] == 30
@@ -208,6 +208,61 @@ def test_settings_parse_once_with_one_clear_error() -> None:
     ]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env({**env, "SVERTKA_DEVICE": "cpu"})
+
+
+def test_balancer_leaves_clients_that_reconnect_for_every_request_alone_and_caps_the_wait(worker_one) -> None:
+    async def churn() -> ConnectionBalancer:
+        balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.0)
+        for port in range(300):  # every request on a new connection, all on this worker: a close would move nothing
+            await call(balancer, client(port))
+        return balancer
+
+    balancer = asyncio.run(churn())
+    assert balancer.reuse < 0.1 and balancer.closed < 100  # closes stopped once most requests came on new connections
+    closed = balancer.closed
+    asyncio.run(call(balancer, client(1000)))
+    assert balancer.closed == closed
+
+    async def burst() -> list[str]:  # 6 closes due at once, 50 ms apart, none to wait more than 0.12 s: 3 go out
+        balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.05, max_wait_s=0.12)
+        balancer.slots = balancer._open_slots(client(0))
+        balancer.slots[1] = 20
+        for port in range(12):
+            await call(balancer, client(port))
+        balancer.slots[1] = 0
+        answers = await asyncio.gather(*(call(balancer, client(port)) for port in range(6)))
+        assert balancer.closed == 3 and len(balancer.leaving) == 3
+        return [headers["connection"] for _, headers, _ in answers]
+
+    assert sorted(asyncio.run(burst())) == ["close"] * 3 + ["keep-alive"] * 3
+
+
+def test_balancer_forgets_a_single_use_connection_once_answered(worker_one) -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def app(scope, receive, send) -> None:
+            if scope["client"][1] == 6000:
+                await gate.wait()  # this one waits for its answer (a forward queue)
+            await answer_ok(scope, receive, send)
+
+        balancer = ConnectionBalancer(app, workers=2, once_s=0.05)
+        waiting = asyncio.create_task(call(balancer, client(0)))
+        await asyncio.sleep(0.1)
+        for port in range(1, 50):  # each on a new connection, answered at once, never used again
+            await call(balancer, client(port))
+            await asyncio.sleep(0.002)
+        assert 2 <= balancer.held <= 30  # the one still waiting for its answer, and the last 50 ms' worth
+        assert ("127.0.0.1", 6000) in balancer.once
+        gate.set()
+        await waiting
+        await call(balancer, client(0))  # its next request, right after the answer: the same connection, reused
+        assert ("127.0.0.1", 6000) in balancer.last_seen
+        await asyncio.sleep(0.1)
+        await call(balancer, client(100))
+        assert balancer.held == 2  # connection 0 (used twice) and the newest
+
+    asyncio.run(main())
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

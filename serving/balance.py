@@ -34,10 +34,10 @@ answer, and when fewer than half of a worker's recent requests (a moving average
 a connection it had seen before, it closes nothing: a close would move nothing, and the spaced
 closes would only queue up (simple_cnn, 8 such clients: 369 req/s and p99 81 ms without these two
 rules, 1,072 req/s and p99 18 ms with them).
-Measured with 32 raw clients on fresh connections (2 workers, 2 cores), from the shared counts
-file: resnet18 even (15-17 a side) ~1.5-3.5 s after the start, within the first round of answers
-(it was 2-4 s with one close per 10 ms and no expected returns; 9-10 s at one close per 50 ms
-before the accounting); simple_cnn within 1.5 s.
+Measured with 32 raw clients on fresh connections (2 workers, 2 cores; latencies per 0.5 s and the
+shared counts file): resnet18's latencies even from ~1.5-2 s after the start, the first round of
+answers (it was 2-4 s with one close per 10 ms and no expected returns; 9-10 s at one close per
+50 ms before the accounting); simple_cnn's within 1.5 s.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ConnectionBalancer:
         self.last_seen: dict[tuple[str, int], float] = {}  # client (host, port), 2+ requests -> last request time
         self.once: dict[tuple[str, int], float] = {}  # client, 1 request so far -> its time
         self.active: set[tuple[str, int]] = set()  # clients with a request in flight here
-        self.leaving: dict[tuple[str, int], float] = {}  # connections this worker closed -> when the close went out (inf: queued)
+        self.leaving: dict[tuple[str, int], float] = {}  # closed here -> when the close went out (inf: still queued)
         self.slots: memoryview | None = None
         self.index = 0
         self.next_prune = self.next_close = 0.0
@@ -151,11 +151,11 @@ class ConnectionBalancer:
         mine = self.held
         self.slots[self.index] = mine + len(self.leaving)
         share = math.ceil(sum(self.slots) / self.workers)
-        # Count the closed clients expected back here (1 in `workers`), so that one round of closes sheds the excess.
-        # Clients that open a connection per request (most requests on new connections) are not balanced: a close
-        # moves nothing, and the spaced closes would only queue up behind each other.
         self.active.add(key)
         try:
+            # Count the closed clients expected back here (1 in `workers`), so that one round of closes sheds the
+            # excess. Clients that open a connection per request (most requests on new connections) are not
+            # balanced: a close moves nothing, and the spaced closes would only queue up behind each other.
             if mine + len(self.leaving) / self.workers <= share + self.slack or self.reuse < 0.5:
                 return await self.app(scope, receive, send)
             await self._close_after(key, scope, receive, send)

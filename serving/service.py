@@ -24,6 +24,7 @@ or ``SVERTKA_API_TOKEN_FILE`` set, everything but the health endpoints needs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import math
@@ -81,10 +82,8 @@ def full_collections_every(seconds: float) -> threading.Event:
 def _trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing): tracing a model for
     SVERTKA_OPTIMIZE frees the model's own weights and its scratch, ~100 MB of RSS for resnet18."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ThreadsByLoad:

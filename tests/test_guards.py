@@ -193,7 +193,7 @@ def test_balancer_spaces_the_closes_and_counts_a_queued_one_until_it_goes_out(wo
         assert await queued == "close"
 
     asyncio.run(main())
-    gaps = [b - a for a, b in zip(sent_at, sent_at[1:])]
+    gaps = [b - a for a, b in zip(sent_at, sent_at[1:], strict=False)]
     assert len(gaps) == 3 and min(gaps) >= 0.045  # one close per spacing_s: reconnects do not come as one burst
 
 

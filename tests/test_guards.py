@@ -115,6 +115,16 @@ def client(port: int) -> dict:
     return http_scope(client=("127.0.0.1", 6000 + port))
 
 
+async def crowd(balancer: ConnectionBalancer, connections: int, there: int) -> None:
+    """``connections`` keep-alive connections arrive here (worker 2 reports plenty meanwhile, so all are kept),
+    then worker 2 turns out to hold ``there``."""
+    balancer.slots = balancer._open_slots(client(0))
+    balancer.slots[1] = 2 * connections
+    for port in range(connections):
+        assert (await call(balancer, client(port)))[1]["connection"] == "keep-alive"
+    balancer.slots[1] = there
+
+
 def test_balancer_keeps_connections_while_this_worker_holds_no_more_than_its_share(worker_one) -> None:
     async def main() -> list[str | None]:
         balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.0)
@@ -138,11 +148,7 @@ def test_balancer_keeps_connections_while_this_worker_holds_no_more_than_its_sha
 def test_balancer_sheds_the_whole_excess_in_one_round_counting_the_clients_expected_back(worker_one) -> None:
     async def main() -> ConnectionBalancer:
         balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.0)
-        balancer.slots = balancer._open_slots(client(0))
-        balancer.slots[1] = 30  # while worker 2 reports 30, all 30 connections that arrive here are within the share
-        for port in range(30):
-            assert (await call(balancer, client(port)))[1]["connection"] == "keep-alive"
-        balancer.slots[1] = 2  # ... then it turns out to hold 2: 30 here, 2 there
+        await crowd(balancer, 30, there=2)  # 30 here, 2 there
         for port in range(30):  # the next request on each connection
             await call(balancer, client(port))
         return balancer
@@ -168,11 +174,7 @@ def test_balancer_spaces_the_closes_and_counts_a_queued_one_until_it_goes_out(wo
             await answer_ok(scope, receive, send)
 
         balancer = ConnectionBalancer(slow_app, workers=2, spacing_s=0.05, leave_s=0.0)
-        balancer.slots = balancer._open_slots(client(0))
-        balancer.slots[1] = 20
-        for port in range(10):
-            await call(balancer, client(port))
-        balancer.slots[1] = 0
+        await crowd(balancer, 10, there=0)
 
         async def timed(port: int) -> str:
             _, headers, _ = await call(balancer, client(port))
@@ -225,11 +227,7 @@ def test_balancer_leaves_clients_that_reconnect_for_every_request_alone_and_caps
 
     async def burst() -> list[str]:  # 6 closes due at once, 50 ms apart, none to wait more than 0.12 s: 3 go out
         balancer = ConnectionBalancer(answer_ok, workers=2, spacing_s=0.05, max_wait_s=0.12)
-        balancer.slots = balancer._open_slots(client(0))
-        balancer.slots[1] = 20
-        for port in range(12):
-            await call(balancer, client(port))
-        balancer.slots[1] = 0
+        await crowd(balancer, 12, there=0)
         answers = await asyncio.gather(*(call(balancer, client(port)) for port in range(6)))
         assert balancer.closed == 3 and len(balancer.leaving) == 3
         return [headers["connection"] for _, headers, _ in answers]

@@ -93,7 +93,7 @@ class Settings:
     metrics: bool
     tracing: bool
     full_gc_s: int
-    optimize: bool = True
+    optimize: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

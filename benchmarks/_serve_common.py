@@ -143,7 +143,7 @@ def data_root(raw: str | None) -> Path | None:
     root = Path(raw)
     if not root.is_dir():
         raise BenchError(f"data root {root} (--data-root / DATASETS_DIR) is not a folder")
-    return root
+    return root.resolve()  # absolute: file lists handed to a script in another folder must still resolve
 
 
 def fashion_png_bytes(root: Path | None, n: int) -> tuple[list[bytes], str]:

@@ -9,14 +9,18 @@
 actor) beside the local engine: both run as a user runs them, whole runs timed (Ray's start-up
 included), alternating ``--repeats`` times; medians, their spread and the ratio are printed.
 Target: the Ray engine at least 0.8 of the local engine's images/s. ``--no-bound`` skips the
-in-process bound below.
+in-process bound below. ``--optimize-ab`` times the local engine's TorchScript forward (its
+default, ``--optimize``) against the model as it is (``--no-optimize``) the same way.
+
+    python benchmarks/batch_throughput.py --models simple_cnn,resnet18 --optimize-ab --no-bound --repeats 3
 
 The batch script runs as a user runs it (a subprocess over a CSV listing the files, CSV out),
 timed from start to exit; its own ``files/s`` line (which leaves out interpreter start-up) is
 shown too. The upper bound runs here on the same files with the same model, batch size and
 torch threads: ``data.preprocess.load_image`` + the bundle's preprocessing + batched forward
-under ``torch.inference_mode``, once decoding one file after another and once decoding in as
-many threads as the script has decoding workers; the better of the two is the bound. Models
+under ``torch.inference_mode`` (TorchScript, as the script runs it, unless ``--no-optimize``),
+once decoding one file after another and once decoding in as many threads as the script has
+decoding workers; the better of the two is the bound. Models
 (random weights, which do not change the speed): ``simple_cnn`` built for 64x64 RGB and
 ``resnet18`` at 224x224, both age regressors, the models a user would run over UTKFace-like
 folders. Files are read in place from ``$DATASETS_DIR/UTKFace`` (or ``--data-root``); without
@@ -55,6 +59,7 @@ from rich.table import Table
 
 from data.preprocess import eval_transform, load_image, preprocess
 from models.bundle import load_bundle
+from serving.predictor import trace_for_cpu
 
 TARGET = 0.8
 MIN_IMAGES = 5000
@@ -62,10 +67,15 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
 @torch.inference_mode()
-def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int, optimize: bool = True) -> float:
     """Images/s of decode + preprocess + batched forward here; ``threads`` decoding threads (0: inline)."""
     model, meta = load_bundle(bundle)
     spec, transform = meta.preprocess, eval_transform(meta.preprocess)
+    if optimize:  # the forward the script runs by default
+        traced, why = trace_for_cpu(model, (spec.channels, *spec.input_size))
+        if traced is None:
+            raise BenchError(f"the bundle does not trace ({why}): run with --no-optimize")
+        model = traced
 
     def load(path: Path) -> torch.Tensor:
         return preprocess(load_image(path, spec.channels), spec, transform)  # (C, h, w)
@@ -91,11 +101,12 @@ def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) 
 
 
 def run_batch_script(
-    bundle: Path, csv: Path, out: Path, batch_size: int, workers: int | None, engine: str = "local"
+    bundle: Path, csv: Path, out: Path, batch_size: int, workers: int | None, engine: str = "local", optimize=True
 ) -> dict:
     """Run ``python -m serving.batch`` as a user would; wall-clock images/s and its own reported rate."""
     cmd = [sys.executable, "-m", "serving.batch", "--model", str(bundle), "--input", str(csv), "--output", str(out)]
     cmd += ["--batch-size", str(batch_size), "--no-progress", "--engine", engine]
+    cmd += [] if optimize else ["--no-optimize"]
     if workers is not None and engine == "local":
         cmd += ["--workers", str(workers)]
     t0 = time.perf_counter()
@@ -125,18 +136,20 @@ def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path
         result |= bench_bound(bundle, args, files, csv, scratch)
     if args.ray:
         result["engines"] = bench_engines(bundle, args, files, csv, scratch)
+    if args.optimize_ab:
+        result["forwards"] = bench_forwards(bundle, args, files, csv, scratch)
     return result
 
 
 def bench_bound(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
     """The local engine against the in-process decode + forward bound."""
     threads = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)  # the script's default
-    serial = upper_bound(bundle, files, args.batch_size, 0)
+    serial = upper_bound(bundle, files, args.batch_size, 0, args.optimize)
     console.print(f"  in process, decoding inline:        {serial:8.1f} images/s")
-    threaded = upper_bound(bundle, files, args.batch_size, threads) if threads else serial
+    threaded = upper_bound(bundle, files, args.batch_size, threads, args.optimize) if threads else serial
     console.print(f"  in process, {threads} decoding threads:     {threaded:8.1f} images/s")
     out = scratch / "labels.csv"
-    run = run_batch_script(bundle, csv, out, args.batch_size, args.workers)
+    run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, optimize=args.optimize)
     check_rows(out, len(files), "the batch script")
     script = len(files) / run["seconds"]
     console.print(f"  python -m serving.batch (whole run): {script:8.1f} images/s  ({run['seconds']:.1f} s)")
@@ -154,50 +167,95 @@ def bench_bound(bundle: Path, args: argparse.Namespace, files: list[Path], csv: 
     }
 
 
-def bench_engines(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
-    """``--engine local`` and ``--engine ray``, whole runs, alternating ``args.repeats`` times."""
-    rates: dict[str, list[float]] = {"local": [], "ray": []}
+def alternate(
+    bundle: Path, contenders: dict[str, dict], args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path
+) -> dict[str, list[float]]:
+    """Whole runs of the batch script, one per contender (``run_batch_script`` keywords), alternating
+    ``args.repeats`` times (the order flips every repeat) -> images/s per contender, in run order."""
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
     for i in range(args.repeats):
-        for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
-            out = scratch / f"labels_{engine}.csv"
-            run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, engine)
-            check_rows(out, len(files), f"--engine {engine}")
-            rates[engine].append(len(files) / run["seconds"])
+        for name in list(contenders) if i % 2 == 0 else list(reversed(contenders)):
+            out = scratch / "labels_ab.csv"
+            run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, **contenders[name])
+            check_rows(out, len(files), name)
+            rates[name].append(len(files) / run["seconds"])
             own = f", its own line {run['own_images_per_s']:.1f}" if run["own_images_per_s"] else ""
             console.print(
-                f"  repeat {i + 1}, --engine {engine:5}: {rates[engine][-1]:8.1f} images/s  "
-                f"({run['seconds']:.1f} s whole run{own})"
+                f"  repeat {i + 1}, {name:16}: {rates[name][-1]:8.1f} images/s  ({run['seconds']:.1f} s whole run{own})"
             )
-    med = {e: statistics.median(r) for e, r in rates.items()}
+    return rates
+
+
+def bench_engines(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    """``--engine local`` and ``--engine ray``, whole runs, alternating ``args.repeats`` times."""
+    contenders = {"--engine local": {"engine": "local"}, "--engine ray": {"engine": "ray"}}
+    rates = alternate(bundle, contenders, args, files, csv, scratch)
+    loc, ray = rates["--engine local"], rates["--engine ray"]
     return {
         "repeats": args.repeats,
-        "local_images_per_s": rates["local"],
-        "ray_images_per_s": rates["ray"],
-        "local_median": med["local"],
-        "ray_median": med["ray"],
-        "ratio": med["ray"] / med["local"],
+        "local_images_per_s": loc,
+        "ray_images_per_s": ray,
+        "local_median": statistics.median(loc),
+        "ray_median": statistics.median(ray),
+        "ratio": statistics.median(ray) / statistics.median(loc),
     }
+
+
+def bench_forwards(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    """The local engine with ``--no-optimize`` (eager) and with ``--optimize`` (TorchScript), alternating."""
+    contenders = {"--no-optimize": {"optimize": False}, "--optimize": {"optimize": True}}
+    rates = alternate(bundle, contenders, args, files, csv, scratch)
+    eager, ts = rates["--no-optimize"], rates["--optimize"]
+    return {
+        "repeats": args.repeats,
+        "eager_images_per_s": eager,
+        "torchscript_images_per_s": ts,
+        "eager_median": statistics.median(eager),
+        "torchscript_median": statistics.median(ts),
+        "ratio": statistics.median(ts) / statistics.median(eager),
+    }
+
+
+def spread_table(
+    title: str, cols: tuple[str, str], rows: dict[str, tuple[str, list[float], list[float], float]]
+) -> None:
+    """One row per model: two contenders' median (min-max) images/s and the ratio of the medians."""
+    table = Table(title=title)
+    for col in ("model", f"{cols[0]}: median (min-max)", f"{cols[1]}: median (min-max)", f"{cols[1]} / {cols[0]}"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, (model, a, b, ratio) in rows.items():
+        shown = [f"{statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f})" for r in (a, b)]
+        table.add_row(f"{key}: {model}", *shown, f"{ratio:.2f}")
+    console.print(table)
 
 
 def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
     checks = report_bound(results, n, batch_size) if any("ratio" in r for r in results.values()) else []
     engines = {k: r["engines"] for k, r in results.items() if "engines" in r}
     if engines:
-        table = Table(title=f"--engine ray against --engine local, {n} files, whole runs (images/s)")
-        for col in ("model", "local: median (min-max)", "ray: median (min-max)", "ray / local"):
-            table.add_column(col, justify="left" if col == "model" else "right")
-        for key, e in engines.items():
-            loc, ray = e["local_images_per_s"], e["ray_images_per_s"]
-            table.add_row(
-                f"{key}: {results[key]['model']}",
-                f"{e['local_median']:.1f} ({min(loc):.1f}-{max(loc):.1f})",
-                f"{e['ray_median']:.1f} ({min(ray):.1f}-{max(ray):.1f})",
-                f"{e['ratio']:.2f}",
-            )
-        console.print(table)
+        spread_table(
+            f"--engine ray against --engine local, {n} files, whole runs (images/s)",
+            ("local", "ray"),
+            {
+                k: (results[k]["model"], e["local_images_per_s"], e["ray_images_per_s"], e["ratio"])
+                for k, e in engines.items()
+            },
+        )
         for key, e in engines.items():
             text = f"{key}: Ray engine at {e['ratio']:.2f} of the local engine, start-up included (want >= {TARGET})"
             checks.append((text, e["ratio"] >= TARGET))
+    forwards = {k: r["forwards"] for k, r in results.items() if "forwards" in r}
+    if forwards:
+        spread_table(
+            f"--optimize (TorchScript) against --no-optimize, local engine, {n} files, whole runs (images/s)",
+            ("eager", "torchscript"),
+            {
+                k: (results[k]["model"], f["eager_images_per_s"], f["torchscript_images_per_s"], f["ratio"])
+                for k, f in forwards.items()
+            },
+        )
+        for key, f in forwards.items():
+            checks.append((f"{key}: --optimize at {f['ratio']:.2f}x --no-optimize (want >= 1)", f["ratio"] >= 1))
     if n < MIN_IMAGES:
         checks.append((f"{n} files (the target is measured over at least {MIN_IMAGES})", False))
     print_checks(console, checks)
@@ -240,8 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run over 300 files")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     p.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each engine with --ray")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each contender (--ray, --optimize-ab)")
     p.add_argument("--no-bound", action="store_true", help="skip the local engine's in-process bound")
+    p.add_argument(
+        "--optimize-ab", action="store_true", help="also compare the script's --optimize (default) with --no-optimize"
+    )
+    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="bound and script: the model as it is")
     args = p.parse_args(argv)
     args.images = args.images or (300 if args.quick else MIN_IMAGES)
     return args
@@ -253,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = parse_list(args.models, list(BATCH_MODELS), "--models")
         if args.images < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 0):
             raise BenchError("--images and --batch-size must be positive, --workers 0 or more")
-        if args.repeats < 1 or (args.no_bound and not args.ray):
-            raise BenchError("--repeats must be positive; --no-bound needs --ray (nothing left to measure)")
+        if args.repeats < 1 or (args.no_bound and not (args.ray or args.optimize_ab)):
+            raise BenchError("--repeats must be positive; --no-bound needs --ray or --optimize-ab (nothing to measure)")
         root = data_root(args.data_root)
         with tempfile.TemporaryDirectory(prefix="svertka-batch-bench-") as tmp:
             scratch = Path(tmp)

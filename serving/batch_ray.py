@@ -73,12 +73,15 @@ class RayOptions:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    optimize: bool = True  # CPU actors: TorchScript forward when it matches the model (Predictor(optimize=))
 
 
 class Forward:
     """A Ray actor: the bundle's ``Predictor``; a decoded batch -> its output rows."""
 
-    def __init__(self, files: list[Any], device: str, max_pixels: int | None, top_k: int, threads: int) -> None:
+    def __init__(
+        self, files: list[Any], device: str, max_pixels: int | None, top_k: int, threads: int, optimize: bool = False
+    ) -> None:
         import ray
 
         torch.set_num_threads(threads)
@@ -87,7 +90,7 @@ class Forward:
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels)
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
@@ -210,7 +213,14 @@ def pipeline(
         .map_batches(
             Forward,
             batch_size=batch_size,
-            fn_constructor_args=([ray.put(bundle_files(bundle))], device, predictor.max_pixels, top_k, threads),
+            fn_constructor_args=(
+                [ray.put(bundle_files(bundle))],
+                device,
+                predictor.max_pixels,
+                top_k,
+                threads,
+                opts.optimize,
+            ),
             compute=ray.data.ActorPoolStrategy(size=opts.workers),
             num_cpus=opts.cpus_per_worker,
             num_gpus=opts.gpus_per_worker or None,

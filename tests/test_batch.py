@@ -22,6 +22,8 @@ from data.preprocess import PreprocessSpec, load_image, preprocess
 from models import get_model
 from models.bundle import load_bundle, save_bundle
 from serving import batch
+from serving import predictor as predictor_module
+from serving.predictor import Predictor, Prepared
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{i}" for i in range(10)]
@@ -149,6 +151,47 @@ def test_glob_input_regressor(setup: dict, tmp_path: Path) -> None:
     assert len(ok) == len(pngs) - 2 and ok["age"].between(0, 116).all()
     for row in ok.itertuples(index=False):
         assert row.age == pytest.approx(float(reference(setup["bundles"]["age"], Path(row.path))[0]), abs=1e-5)
+
+
+def test_collate_sends_each_input_once_in_the_batch() -> None:
+    # A decoding worker pickles what collate returns: a tensor left in the items would travel a
+    # second time, through a shared-memory segment of its own (a quarter of simple_cnn's files/s).
+    face = {"box": [0, 0, 4, 4], "score": 0.9}
+    items = [
+        (0, Prepared([face], torch.ones(1, 3, 8, 8), (8, 8)), None),
+        (1, None, "truncated"),
+        (2, Prepared([], torch.zeros(0, 3, 8, 8), (8, 8)), None),  # no face found
+        (3, Prepared([face, face], torch.full((2, 3, 8, 8), 2.0), (9, 9)), None),
+    ]
+    files, inputs = batch.collate(items)
+    assert files == [(0, [face], 1, None), (1, [], 0, "truncated"), (2, [], 0, None), (3, [face, face], 2, None)]
+    assert inputs.shape == (3, 3, 8, 8) and inputs[1:].eq(2).all()
+    assert batch.collate([(0, None, "bad")]) == ([(0, [], 0, "bad")], None)
+
+
+def test_optimize_runs_torchscript_by_default_same_rows(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    made: list[Predictor] = []
+    monkeypatch.setattr(batch, "Predictor", lambda *a, **k: made.append(Predictor(*a, **k)) or made[-1])
+    tables = []
+    for flags in ([], ["--no-optimize"]):
+        out = tmp_path / f"ages{len(tables)}.csv"
+        assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out,
+                   "--workers", "0", "--batch-size", "5", *flags) == 0  # fmt: skip
+        tables.append(pd.read_csv(out))
+    assert [p.forward_mode for p in made] == ["torchscript", "eager"]
+    assert tables[0]["age"].notna().sum() == len(setup["good"])
+    pd.testing.assert_frame_equal(tables[0], tables[1], rtol=0, atol=1e-4)  # batches of 5, 5 and 3: any size
+    assert "note:" not in capsys.readouterr().err
+
+    # A model the traced forward does not match runs as it is, with one line saying why.
+    monkeypatch.setattr(predictor_module, "trace_for_cpu", lambda model, shape: (None, "RuntimeError: untraceable"))
+    out = tmp_path / "ages_eager.csv"
+    assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0") == 0
+    assert made[-1].forward_mode == "eager (RuntimeError: untraceable)"
+    assert "note: --optimize: the model runs as it is (RuntimeError: untraceable)" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_csv(out), tables[1])
 
 
 def test_truth_scores_regressor_by_name_and_classifier_by_path(setup: dict, tmp_path: Path) -> None:

@@ -141,6 +141,10 @@ def connect(opts: RayOptions) -> bool:
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
         else:
             cpus = (os.cpu_count() or 1) + math.ceil(opts.workers * opts.cpus_per_worker)
+            # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
+            # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
+            # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # "local": a new Ray of our own, even when `ray start --head` runs on this machine
             ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -188,6 +192,7 @@ def pipeline(
     ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
     items = [{"file": str(p.resolve()), "path": s} for p, s in zip(paths, shown, strict=True)]
     per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * (os.cpu_count() or 1))))
     per_block = max(1, per_block)  # big jobs: a few batches per decoding task; small ones: still parallel

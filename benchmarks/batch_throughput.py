@@ -135,9 +135,9 @@ def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path
     if not args.no_bound:
         result |= bench_bound(bundle, args, files, csv, scratch)
     if args.ray:
-        result["engines"] = bench_engines(bundle, args, files, csv, scratch)
+        result["engines"] = bench_pair("engines", bundle, args, files, csv, scratch)
     if args.optimize_ab:
-        result["forwards"] = bench_forwards(bundle, args, files, csv, scratch)
+        result["forwards"] = bench_pair("forwards", bundle, args, files, csv, scratch)
     return result
 
 
@@ -186,34 +186,22 @@ def alternate(
     return rates
 
 
-def bench_engines(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
-    """``--engine local`` and ``--engine ray``, whole runs, alternating ``args.repeats`` times."""
-    contenders = {"--engine local": {"engine": "local"}, "--engine ray": {"engine": "ray"}}
-    rates = alternate(bundle, contenders, args, files, csv, scratch)
-    loc, ray = rates["--engine local"], rates["--engine ray"]
-    return {
-        "repeats": args.repeats,
-        "local_images_per_s": loc,
-        "ray_images_per_s": ray,
-        "local_median": statistics.median(loc),
-        "ray_median": statistics.median(ray),
-        "ratio": statistics.median(ray) / statistics.median(loc),
-    }
+# Whole-run comparisons of the script: results entry -> its two contenders, baseline first, each
+# (short name in the results and tables, the option shown, ``run_batch_script`` keywords).
+PAIRS = {
+    "engines": (("local", "--engine local", {"engine": "local"}), ("ray", "--engine ray", {"engine": "ray"})),
+    "forwards": (("eager", "--no-optimize", {"optimize": False}), ("torchscript", "--optimize", {"optimize": True})),
+}
 
 
-def bench_forwards(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
-    """The local engine with ``--no-optimize`` (eager) and with ``--optimize`` (TorchScript), alternating."""
-    contenders = {"--no-optimize": {"optimize": False}, "--optimize": {"optimize": True}}
-    rates = alternate(bundle, contenders, args, files, csv, scratch)
-    eager, ts = rates["--no-optimize"], rates["--optimize"]
-    return {
-        "repeats": args.repeats,
-        "eager_images_per_s": eager,
-        "torchscript_images_per_s": ts,
-        "eager_median": statistics.median(eager),
-        "torchscript_median": statistics.median(ts),
-        "ratio": statistics.median(ts) / statistics.median(eager),
-    }
+def bench_pair(part: str, bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
+    """``PAIRS[part]``'s two contenders, whole runs alternating ``args.repeats`` times: images/s, medians, ratio."""
+    rates = alternate(bundle, {shown: kwargs for _, shown, kwargs in PAIRS[part]}, args, files, csv, scratch)
+    out: dict = {"repeats": args.repeats}
+    for name, shown, _ in PAIRS[part]:
+        out |= {f"{name}_images_per_s": rates[shown], f"{name}_median": statistics.median(rates[shown])}
+    (a, *_), (b, *_) = PAIRS[part]
+    return out | {"ratio": out[f"{b}_median"] / out[f"{a}_median"]}
 
 
 def spread_table(
@@ -231,13 +219,14 @@ def spread_table(
 
 def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
     checks = report_bound(results, n, batch_size) if any("ratio" in r for r in results.values()) else []
-    comparisons = (  # (results entry, title, its two contenders, wanted ratio, the check's words)
-        ("engines", "--engine ray against --engine local", ("local", "ray"), TARGET,
+    comparisons = (  # (results entry, title, wanted ratio, the check's words)
+        ("engines", "--engine ray against --engine local", TARGET,
          "Ray engine at {:.2f} of the local engine, start-up included"),
-        ("forwards", "--optimize (TorchScript) against --no-optimize, local engine", ("eager", "torchscript"), 0.95,
+        ("forwards", "--optimize (TorchScript) against --no-optimize, local engine", 0.95,
          "--optimize at {:.2f}x --no-optimize, no slower within the noise"),
     )  # fmt: skip
-    for part, title, (a, b), want, words in comparisons:
+    for part, title, want, words in comparisons:
+        (a, *_), (b, *_) = PAIRS[part]
         found = {k: r[part] for k, r in results.items() if part in r}
         if found:
             rows = {

@@ -3,24 +3,28 @@
     python benchmarks/_loadgen.py --port 3000 --path /classify --files images.txt --clients 32 --seconds 10
     python benchmarks/_loadgen.py ... --client httpx          # one plain httpx.AsyncClient, N keep-alive connections
     python benchmarks/_loadgen.py ... --client aiohttp        # one plain aiohttp.ClientSession, N connections
+    python benchmarks/_loadgen.py ... --client httpx2         # one httpx2.AsyncClient (httpx's maintained fork)
 
 ``--client raw`` (default) is kept cheap so the server gets most of the CPU: one process, one
 asyncio loop, raw keep-alive HTTP/1.1 connections (one per client) and request bytes built once
 before the clock starts (each file becomes a ``multipart/form-data`` upload in the field
 ``--field``). ``--client httpx`` is what a user would write first: one ``httpx.AsyncClient`` with
 a pool of N keep-alive connections shared by N tasks. ``--client httpx-per-task``: N tasks, each
-with its own ``httpx.AsyncClient`` (one keep-alive connection each), the pattern docs/SERVING.md
-recommends at high concurrency. ``--client aiohttp``: one ``aiohttp.ClientSession`` (a
-``TCPConnector`` of N connections) shared by N tasks, the other common async client, whose pool
-hands a released connection straight to one waiting request (no race like httpx's below).
+with its own ``httpx.AsyncClient`` (one keep-alive connection each). ``--client aiohttp``: one
+``aiohttp.ClientSession`` (a ``TCPConnector`` of N connections) shared by N tasks, the other common
+async client, whose pool hands a released connection straight to one waiting request (no race
+like httpx's below). ``--client httpx2``: the same code as ``httpx`` on one ``httpx2.AsyncClient``,
+Pydantic's maintained continuation of HTTPX (same API under the name ``httpx2``; its pool,
+``httpcore2``, keeps an idle connection it handed to a request for that request).
 
-Why both httpx forms: httpcore's pool (1.0.9, the newest) hands an idle connection to a waiting
+Why so many httpx forms: httpcore's pool (1.0.9, the newest) hands an idle connection to a waiting
 request but leaves it marked idle until that request's task runs, so when several responses
 arrive in one pass of the client's event loop the requests that follow are all given the same
 connection; all but one fail with ``ConnectionNotAvailable`` and go round again, and some lose
-that race for a second or more (encode/httpcore#822, the review of #1111). The JSON reports how
-often that happened (``client_pool_retries``, counted by wrapping httpcore's retry step; None if
-httpcore changed). It hits a client the faster its server answers (more answers per pass).
+that race for a second or more (encode/httpcore#822, the review of #1111; fixed in httpx2 by
+pydantic/httpx2#1075). The JSON reports how often that happened (``client_pool_retries``, counted
+by wrapping the pool's retry step; None if the pool changed). It hits a client the faster its
+server answers (more answers per pass).
 
 A request counts from the client call (or writing its first byte) to reading its last; requests
 that start during the warm-up are not recorded. Errors are non-2xx answers, broken connections
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import resource
 import sys
@@ -46,7 +51,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 BOUNDARY = "svertkabenchboundary7d1e"
-CLIENTS = ("raw", "httpx", "httpx-per-task", "aiohttp")
+CLIENTS = ("raw", "httpx", "httpx-per-task", "aiohttp", "httpx2")
+# the HTTPX-API clients: the package each imports and its connection pool's package
+HTTPX_PACKAGES = {
+    "httpx": ("httpx", "httpcore"),
+    "httpx-per-task": ("httpx", "httpcore"),
+    "httpx2": ("httpx2", "httpcore2"),
+}
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
@@ -163,10 +174,11 @@ def note_status(out: dict, status: int, headers: Any, body: bytes, recorded: boo
     return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
 
-async def httpx_client(i: int, http: Any, url: str, form: Form, t_record: float, t_end: float, out: dict) -> None:
-    """One task on an ``httpx.AsyncClient`` (shared or its own): post, wait, repeat until ``t_end``."""
-    import httpx
-
+async def httpx_client(
+    i: int, http: Any, http_error: type[Exception], url: str, form: Form, t_record: float, t_end: float, out: dict
+) -> None:
+    """One task on an ``httpx.AsyncClient`` or ``httpx2.AsyncClient`` (shared or its own; ``http_error``: its
+    package's ``HTTPError``): post, wait, repeat until ``t_end``."""
     k = i * 7919
     while time.perf_counter() < t_end:
         name, data = form.files[k % len(form.files)]
@@ -175,7 +187,7 @@ async def httpx_client(i: int, http: Any, url: str, form: Form, t_record: float,
         try:
             r = await http.post(url, data=form.extra, files={form.field: (name, data, content_type(name))})
             error = note_status(out, r.status_code, r.headers, r.content, t0 >= t_record)
-        except httpx.HTTPError as e:
+        except http_error as e:
             error = f"{type(e).__name__}: {e}"[:200]
             await asyncio.sleep(0.05)
         record(out, t0, time.perf_counter(), t_record, error)
@@ -204,12 +216,12 @@ async def aiohttp_client(i: int, session: Any, url: str, form: Form, t_record: f
 
 
 @contextlib.contextmanager
-def counting_pool_retries(out: dict) -> Iterator[None]:
-    """Count in ``out["pool_retries"]`` each time httpcore's pool gives a request a connection that another
-    request took first (it then clears the assignment and waits again). Behaviour is unchanged."""
+def counting_pool_retries(out: dict, package: str = "httpcore") -> Iterator[None]:
+    """Count in ``out["pool_retries"]`` each time the pool of ``package`` (httpcore, or httpx2's httpcore2) gives
+    a request a connection that another request took first (it then clears the assignment and waits again).
+    Behaviour is unchanged."""
     try:
-        from httpcore._async.connection_pool import AsyncPoolRequest
-
+        AsyncPoolRequest = importlib.import_module(f"{package}._async.connection_pool").AsyncPoolRequest
         original = AsyncPoolRequest.clear_connection
     except (ImportError, AttributeError):  # httpcore changed: not counted
         out["pool_retries"] = None
@@ -238,20 +250,21 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
     out["pool_retries"] = None
     url = f"http://{args.host}:{args.port}{args.path}"
     form = Form(files, args.field, dict(kv.split("=", 1) for kv in args.form))
-    if args.client in ("httpx", "httpx-per-task"):
-        import httpx
-
-        shared = args.client == "httpx"
+    if args.client in HTTPX_PACKAGES:
+        package, pool_package = HTTPX_PACKAGES[args.client]
+        httpx = importlib.import_module(package)
+        shared = args.client != "httpx-per-task"
         n = args.clients if shared else 1
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with contextlib.AsyncExitStack() as stack:
-            stack.enter_context(counting_pool_retries(out))
+            stack.enter_context(counting_pool_retries(out, pool_package))
             https = [
                 await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=args.timeout))
                 for _ in range(1 if shared else args.clients)
             ]
             tasks = [
-                httpx_client(i, https[0 if shared else i], url, form, t_record, t_end, out) for i in range(args.clients)
+                httpx_client(i, https[0 if shared else i], httpx.HTTPError, url, form, t_record, t_end, out)
+                for i in range(args.clients)
             ]
             await asyncio.gather(*tasks)
     elif args.client == "aiohttp":
@@ -288,7 +301,7 @@ async def run(args: argparse.Namespace, requests: list[bytes], files: list[tuple
         "status_counts": {str(k): v for k, v in sorted(out["status"].items())},
         "no_retry_after_503s": out["no_retry_after"],
         "client": args.client,
-        "client_pool_retries": out["pool_retries"],  # httpx: requests re-queued by httpcore's pool (None: raw)
+        "client_pool_retries": out["pool_retries"],  # httpx/httpx2: requests the pool re-queued (None: others)
         "error_kinds": dict(out["errors"]),
         "error_samples": list(out["samples"].values())[:5],
         **({"latencies_ms": [round(float(x), 4) for x in lat]} if getattr(args, "latencies", False) else {}),
@@ -312,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=CLIENTS,
         default="raw",
         help="raw sockets, one httpx.AsyncClient shared by all clients, one httpx.AsyncClient per client, "
-        "or one aiohttp.ClientSession shared by all clients",
+        "one aiohttp.ClientSession shared by all clients, or one httpx2.AsyncClient shared by all clients",
     )
     p.add_argument("--latencies", action="store_true", help="also list every recorded latency (ms), to pool runs")
     return p.parse_args(argv)

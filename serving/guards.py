@@ -2,6 +2,7 @@
 
     Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=20 * 2**20)
     Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)
+    Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints="POST /classify, GET /models")
 
     @strict_multipart
     @bentoml.api(route="/classify")
@@ -9,7 +10,8 @@
 
 Every refusal is JSON ``{"error": reason}``: 413 for a body over the limit, 503 with
 ``Retry-After`` when a worker already holds ``max_in_flight`` requests, 400 for anything that is
-not a well-formed multipart form with file parts where files belong.
+not a well-formed multipart form with file parts where files belong; the routers' own plain-text
+404 (no such path) and 405 (wrong method) become JSON too, naming the endpoints or the methods allowed.
 """
 
 from __future__ import annotations
@@ -71,6 +73,43 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, guarded_send)
         if too_big and not started:
             await error(413, reason)(scope, receive, send)
+
+
+class JsonRoutingErrors:
+    """The routers' plain-text 404 and 405 answers (Starlette's, BentoML's) as ``{"error": reason}`` JSON.
+
+    A 404 names the service's ``endpoints``; a 405 keeps its ``Allow`` header and names the methods in it.
+    Any other answer, JSON 404s of the service included, passes through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, endpoints: str) -> None:
+        self.app, self.endpoints = app, endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        replacement: JSONResponse | None = None
+
+        async def json_send(message: Message) -> None:
+            nonlocal replacement
+            if replacement is not None:  # the plain body being replaced: drop it, answer once it ends
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    await replacement(scope, receive, send)
+                return
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replacement = self._json(scope, message["status"], headers.get(b"allow", b"").decode("latin-1"))
+                    return
+            await send(message)
+
+        await self.app(scope, receive, json_send)
+
+    def _json(self, scope: Scope, status: int, allow: str) -> JSONResponse:
+        what = f"{scope.get('method', '?')} {scope.get('path', '?')}"
+        if status == 405:
+            return error(405, f"{what}: method not allowed here; use {allow or 'another method'}", {"Allow": allow})
+        return error(404, f"{what}: no such endpoint; the API: {self.endpoints}")
 
 
 class AdmissionMiddleware:

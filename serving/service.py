@@ -47,7 +47,7 @@ from starlette.routing import Route
 from data.preprocess import ImageError
 from serving import auth, page
 from serving.balance import ConnectionBalancer
-from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, error, strict_multipart
+from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, strict_multipart
 from serving.predictor import Predictor, describe
 from serving.settings import Settings
 
@@ -259,6 +259,12 @@ async def _get_stats(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().stats())
 
 
+# What a 404 names (JsonRoutingErrors): the APIs, the GET routes below and the page.
+ENDPOINTS = (
+    "POST /classify, POST /estimate_age, GET|POST /models, GET /stats, GET /readyz, GET / (a page to try it), "
+    "GET /docs (OpenAPI)"
+)
+
 # GET routes (BentoML API routes are POST only) and the page at / (serving/page.py, which moves
 # BentoML's OpenAPI page to /docs): a tiny Starlette app mounted beside the APIs.
 info_app = Starlette(
@@ -442,5 +448,6 @@ Svertka.add_asgi_middleware(_Admission, max_in_flight=SETTINGS.max_in_flight)
 if SETTINGS.balance and SETTINGS.workers > 1:
     Svertka.add_asgi_middleware(ConnectionBalancer, workers=SETTINGS.workers)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints=ENDPOINTS)
 
 __all__ = ["Svertka", "Batcher", "SETTINGS"]

@@ -15,7 +15,7 @@ import bentoml
 import pytest
 
 from serving.balance import ConnectionBalancer
-from serving.guards import AdmissionMiddleware
+from serving.guards import AdmissionMiddleware, JsonRoutingErrors
 from serving.settings import Settings, SettingsError
 
 
@@ -64,6 +64,35 @@ def test_admission_refuses_past_the_limit_with_retry_after() -> None:
     assert refused[0] == 503 and refused[1]["retry-after"] == "1"
     assert "SVERTKA_MAX_IN_FLIGHT" in json.loads(refused[2])["error"]
     assert [s[0] for s in served] == [200, 200, 200, 200]
+
+
+def test_routing_errors_become_json_and_everything_else_passes_untouched() -> None:
+    """Plain-text 404 / 405 (streamed in two parts here) -> JSON; the app's own JSON 404 and a 200 as they were."""
+
+    def app_answering(status: int, content_type: bytes, parts: list[bytes], allow: bytes | None = None):
+        async def app(scope, receive, send) -> None:
+            headers = [(b"content-type", content_type)] + ([(b"allow", allow)] if allow else [])
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            for i, part in enumerate(parts):
+                await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+
+        return JsonRoutingErrors(app, endpoints="POST /classify, GET /models")
+
+    plain = b"text/plain; charset=utf-8"
+    scope = {**http_scope("/nope"), "method": "GET"}
+    status, headers, body = asyncio.run(call(app_answering(404, plain, [b"Not ", b"Found"]), scope))
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": "GET /nope: no such endpoint; the API: POST /classify, GET /models"}
+
+    status, headers, body = asyncio.run(call(app_answering(405, plain, [b"Method Not Allowed"], b"POST"), scope))
+    assert status == 405 and headers["allow"] == "POST" and "use POST" in json.loads(body)["error"]
+
+    own = [b'{"error": "no regression model is served"}']
+    assert asyncio.run(call(app_answering(404, b"application/json", own), scope)) == (
+        404, {"content-type": "application/json"}, own[0]
+    )  # fmt: skip
+    ok = asyncio.run(call(app_answering(200, plain, [b"o", b"k"]), scope))
+    assert ok == (200, {"content-type": plain.decode()}, b"ok")
 
 
 def test_admission_counts_the_clients_of_the_last_window() -> None:

@@ -634,6 +634,25 @@ def test_malformed_requests_are_400(server: str, kwargs: dict, words: str) -> No
 
 
 @pytest.mark.parametrize(
+    "method, path, status, words",
+    [
+        ("GET", "/classify", 405, "use POST"),  # BentoML's router
+        ("PUT", "/estimate_age", 405, "use POST"),
+        ("GET", "/predict", 404, "POST /classify"),  # the GET routes' app mounted at /
+        ("POST", "/classify/extra", 404, "POST /estimate_age"),
+        ("DELETE", "/models", 405, "not allowed"),
+    ],
+)
+def test_wrong_path_or_method_is_a_json_4xx(server: str, method: str, path: str, status: int, words: str) -> None:
+    """The routers' own 404 and 405 (plain text before) say what exists, in the one error shape."""
+    r = httpx.request(method, f"{server}{path}", timeout=30)
+    assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+    assert words in r.json()["error"] and path in r.json()["error"]
+    if status == 405:
+        assert r.headers["allow"]
+
+
+@pytest.mark.parametrize(
     "fields, words",
     [
         ({"top_k": "0"}, "top_k"),

@@ -18,6 +18,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300; anything larger is refused before decoding
 
+# The formats Pillow may open: raster images, decoded in process. Not EPS (Pillow hands the file to a
+# Ghostscript subprocess, with no timeout, when gs is installed: a PostScript loop would hold a decode
+# thread for ever), nor the stubs that need a handler (WMF, FITS, GRIB, ...), nor rare formats no one
+# sends (an attack surface for nothing). A JPEG with MPO data still opens (Pillow's JPEG plugin).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "JPEG2000",
+                 "PPM", "TGA", "ICO", "PCX", "QOI")  # fmt: skip
+
 
 class ImageError(ValueError):
     """An input that is not a usable image (not an image, truncated, too large, ...)."""
@@ -98,9 +105,10 @@ def open_image(src: bytes | str | Path | Image.Image, max_pixels: int | None = D
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
+                img = Image.open(fp, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
-            raise ImageError(f"{name}: not a recognized image file") from None
+            accepted = ", ".join(IMAGE_FORMATS)
+            raise ImageError(f"{name}: not a recognized image file (accepted: {accepted})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: image has too many pixels") from None
         except FileNotFoundError:

@@ -7,6 +7,7 @@ DATASETS_DIR=/work/shared/datasets .venv/bin/pytest tests/test_data.py -m datase
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import stat
 import subprocess
@@ -203,6 +204,29 @@ def make_folder(root: Path, n_per_class: int = 4, mode: str = "RGB", classes=("c
             ext = "png" if i % 2 else "jpg"
             Image.fromarray(arr.astype(np.uint8), mode).save(root / cls / f"{i}.{ext}")
     return root
+
+
+def test_only_raster_formats_are_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPS never reaches Pillow's EPS plugin (which runs Ghostscript); the usual formats, MPO JPEGs included, open."""
+    from PIL import EpsImagePlugin
+
+    from data.imagefile import ImageError, load_image
+
+    def never(*args, **kwargs):
+        raise AssertionError("Pillow's EPS plugin was asked to read the upload")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    with pytest.raises(ImageError, match="not a recognized image file .accepted: JPEG, PNG"):
+        load_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", channels=3)
+
+    img = Image.new("RGB", (12, 8), (200, 30, 60))
+    for fmt, kwargs in [
+        ("JPEG", {}), ("MPO", {"save_all": True, "append_images": [img]}), ("PNG", {}), ("WEBP", {}), ("GIF", {}),
+        ("BMP", {}), ("TIFF", {}), ("PPM", {}), ("TGA", {}), ("ICO", {}), ("PCX", {}),
+    ]:  # fmt: skip
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kwargs)
+        assert load_image(buf.getvalue(), channels=3).shape == (8, 12, 3), fmt
 
 
 def test_image_folder_classes_split_cache_and_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

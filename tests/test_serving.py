@@ -499,6 +499,8 @@ BAD_UPLOADS = {
     "truncated jpeg": (sample_images()["rgb.jpg"][:300], "truncated"),
     "empty": (b"", "empty"),
     "too many pixels": (encode(Image.new("L", (6400, 6400))), "over the limit"),
+    # Pillow would hand EPS to a Ghostscript subprocess (no timeout) when gs is installed: not opened at all
+    "postscript": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{} loop\n", "not a recognized image"),
 }
 
 

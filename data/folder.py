@@ -26,9 +26,9 @@ from data.base import (
     warn_once,
 )
 from data.cache import decode_cached
+from data.imagefile import IMAGE_SUFFIXES
 from models.faces import UTKFACE_POINTS, FaceFraming
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
 
 
@@ -44,7 +44,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.parts[-2:])
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(s.startswith(".") for s in p.parts[-2:])
     )
 
 

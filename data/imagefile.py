@@ -24,6 +24,11 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300; anything larger is refused befor
 # sends (an attack surface for nothing). A JPEG with MPO data still opens (Pillow's JPEG plugin).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "JPEG2000",
                  "PPM", "TGA", "ICO", "PCX", "QOI")  # fmt: skip
+# The file names a folder listing takes as images (training folders, the batch script's --input DIR):
+# the photo formats above; a file of another name can still be listed in a CSV.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".pbm"}
+)
 
 
 class ImageError(ValueError):

@@ -20,7 +20,8 @@ from typing import Literal
 import pandas as pd
 
 from data.base import Augment, BadImagePolicy, MissingDataError, warn_once
-from data.folder import IMAGE_EXTENSIONS, FileDataModule, face_framing
+from data.folder import FileDataModule, face_framing
+from data.imagefile import IMAGE_SUFFIXES
 
 _FIELD = re.compile(r"^\s*(\d+)\s*$")
 
@@ -56,7 +57,7 @@ def index_folder(folder: Path) -> pd.DataFrame:
     """
     rows, skipped = [], []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         parsed = parse_name(p.name)
         if parsed is None:

@@ -50,12 +50,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.imagefile import IMAGE_SUFFIXES
 from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
 from models.bundle import BundleError
 from models.faces import FaceStageError
 from serving.predictor import ImageLoader, Predictor, Prepared
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 OUTPUT_EXTS = (".csv", ".parquet")
 
 
@@ -136,9 +136,9 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
     """Paths to read and how each is shown in the output (as listed in the CSV, or as found)."""
     path = Path(spec)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not found:
-            raise FatalError(f"--input {spec}: no image files in this folder ({', '.join(sorted(IMAGE_EXTS))})")
+            raise FatalError(f"--input {spec}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return found, [str(p) for p in found]
     if path.is_file() and path.suffix.lower() == ".csv":
         table = read_csv(path, f"--input {spec}")

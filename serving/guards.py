@@ -108,7 +108,7 @@ class JsonRoutingErrors:
     def _json(self, scope: Scope, status: int, allow: str) -> JSONResponse:
         what = f"{scope.get('method', '?')} {scope.get('path', '?')}"
         if status == 405:
-            return error(405, f"{what}: method not allowed here; use {allow or 'another method'}", {"Allow": allow})
+            return error(405, f"{what}: method not allowed here; use {allow}", {"Allow": allow} if allow else None)
         return error(404, f"{what}: no such endpoint; the API: {self.endpoints}")
 
 

@@ -259,12 +259,6 @@ async def _get_stats(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().stats())
 
 
-# What a 404 names (JsonRoutingErrors): the APIs, the GET routes below and the page.
-ENDPOINTS = (
-    "POST /classify, POST /estimate_age, GET|POST /models, GET /stats, GET /readyz, GET / (a page to try it), "
-    "GET /docs (OpenAPI)"
-)
-
 # GET routes (BentoML API routes are POST only) and the page at / (serving/page.py, which moves
 # BentoML's OpenAPI page to /docs): a tiny Starlette app mounted beside the APIs.
 info_app = Starlette(
@@ -448,6 +442,12 @@ Svertka.add_asgi_middleware(_Admission, max_in_flight=SETTINGS.max_in_flight)
 if SETTINGS.balance and SETTINGS.workers > 1:
     Svertka.add_asgi_middleware(ConnectionBalancer, workers=SETTINGS.workers)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+# What a 404 names: the APIs (POST), the GET routes of info_app (the page at /, OpenAPI at /docs), the probe.
+ENDPOINTS = ", ".join(
+    [f"POST {api.route}" for api in Svertka.apis.values()]
+    + [f"GET {route.path}" for route in info_app.routes]
+    + ["GET /readyz"]
+)
 Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints=ENDPOINTS)
 
 __all__ = ["Svertka", "Batcher", "SETTINGS"]

@@ -109,6 +109,7 @@ def open_image(src: bytes | str | Path | Image.Image, max_pixels: int | None = D
             fp, name = str(src), str(src)
         try:
             with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # see decode_image
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
@@ -133,6 +134,9 @@ def decode_image(img: Image.Image, channels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's notes on a file it decodes anyway ("Corrupt EXIF data", palette transparency) name no
+            # file and would reach the batch script's console and the server log bare: the pixels are fine.
+            warnings.simplefilter("ignore", UserWarning)
             img.load()
             return pil_to_array(ImageOps.exif_transpose(img), channels)
     except Image.DecompressionBombError:

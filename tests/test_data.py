@@ -229,6 +229,21 @@ def test_only_raster_formats_are_opened(monkeypatch: pytest.MonkeyPatch) -> None
         assert load_image(buf.getvalue(), channels=3).shape == (8, 12, 3), fmt
 
 
+def test_decoding_a_file_with_corrupt_exif_warns_nothing() -> None:
+    """The pixels decode; Pillow's bare "Corrupt EXIF data" warning is not passed on."""
+    from data.imagefile import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 6), (10, 200, 30)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff"  # one IFD claiming 65535 entries, then nothing
+    broken = jpeg[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + jpeg[2:]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert load_image(broken, channels=3).shape == (6, 10, 3)
+    assert not seen, [str(w.message) for w in seen]
+
+
 def test_image_folder_classes_split_cache_and_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_folder(tmp_path / "imgs", n_per_class=10)
     Image.fromarray(np.zeros((9, 9), np.uint8), "L").save(root / "dog" / "gray.png")  # grayscale into RGB set

@@ -463,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         if predictor.forward_mode.startswith("eager ("):  # --optimize asked for, the traced forward did not match
-            print(f"note: --optimize: the model runs as it is {predictor.forward_mode[6:]}", file=sys.stderr)
+            why = predictor.forward_mode.removeprefix("eager ")  # "(the reason)"
+            print(f"note: --optimize: the model runs as it is {why}", file=sys.stderr)
         truth = read_truth(args.truth, predictor) if args.truth else None
         if args.engine == "ray":
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine

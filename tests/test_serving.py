@@ -358,7 +358,7 @@ def test_estimate_age_faces_in_a_photo(server: str, store: dict) -> None:
     detect=false takes the upload as the chip; no face is an empty list; max_faces is checked."""
     from skimage import data as skdata
 
-    from models.faces import FaceAligner
+    from data.faces import FaceAligner
 
     photo = skdata.astronaut()
     png = encode(Image.fromarray(photo))

@@ -40,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from data.imagefile import sha256_file
 from data.preprocess import PreprocessSpec
-from models.faces import sha256_file
 from models.heads import check_tta
 from models.onnx_graph import ONNX_FILE, OnnxMismatch, export_onnx
 
@@ -159,14 +159,14 @@ class BundleMeta:
 
 
 def _check_faces(faces: Any) -> dict[str, Any] | None:
-    """A ``faces`` entry normalized (``models.faces.FaceFraming``), or None; ``BundleError`` if invalid.
+    """A ``faces`` entry normalized (``data.faces.FaceFraming``), or None; ``BundleError`` if invalid.
 
     A bundle with the entry expects aligned face chips framed that way: serving detects and aligns
     faces before the model. A bundle without it (older ones, non-face models) gets the whole image.
     """
     if faces is None or faces is False:
         return None
-    from models.faces import FaceFraming
+    from data.faces import FaceFraming
 
     if not isinstance(faces, dict):
         raise BundleError(f"'faces' must be an object like {{'size': 200, 'padding': 0.25}}, got {faces!r}")

@@ -41,7 +41,7 @@ def save_bundle_to_bentoml(bundle_dir: str | Path, name: str, labels: dict[str, 
         for file in (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if meta.onnx else ()):
             shutil.copy2(Path(bundle_dir) / file, Path(model.path) / file)
         if meta.faces:  # a face model: keep the landmark model with it, so `bentoml build` packs it too
-            from models.faces import LANDMARKS_FILE, FaceStageError, landmarks_path
+            from data.faces import LANDMARKS_FILE, FaceStageError, landmarks_path
 
             # not here: serving then looks in the cache, and says so if it is missing there too
             with contextlib.suppress(FaceStageError):

@@ -8,9 +8,9 @@
 calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
 reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
 PIL only, so those workers start without torch; for a face model also detecting and aligning each
-face with ``models.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
+face with ``data.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
 and the forward run in a pool of ``--workers`` actors (``Forward``), each holding one
-``serving.predictor.Predictor`` and building its rows with ``serving.batch.build_rows``/``to_table``,
+``serving.predictor.Predictor`` and building its rows with ``serving.batch_output.build_rows``/``to_table``,
 so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
 it; the input files must be readable at the same path on every node (a shared file system).
@@ -47,7 +47,8 @@ import torch
 from data.imagefile import ImageError
 from data.preprocess import normalize_ops
 from models.bundle import META_FILE, WEIGHTS_FILE
-from serving.batch import (
+from serving.batch_decode import decode_files
+from serving.batch_output import (
     FatalError,
     build_rows,
     error_counts,
@@ -57,7 +58,6 @@ from serving.batch import (
     to_table,
     write_outputs,
 )
-from serving.batch_decode import decode_files
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)

@@ -8,7 +8,7 @@
 Everything comes from the bundle: architecture and weights (``models.bundle``), class names or
 the regression target and its range, the eval preprocessing (``data.preprocess``) and, for a
 model trained on aligned face chips (the bundle's ``faces`` entry), the chip framing: such a
-predictor finds the faces in a photo and cuts their chips exactly that way (``models.faces``)
+predictor finds the faces in a photo and cuts their chips exactly that way (``data.faces``)
 before the model sees them:
 
     >>> p = Predictor("artifacts/utkface_age")
@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from data.faces import DetectSettings, FaceAligner, FaceFraming
 from data.preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessSpec,
@@ -50,7 +51,6 @@ from data.preprocess import (
 )
 from models import heads
 from models.bundle import BundleError, BundleMeta, check_weights, load_bundle, read_meta, read_onnx
-from models.faces import DetectSettings, FaceAligner, FaceFraming
 
 
 def auto_device(device: str | torch.device | None = None) -> torch.device:
@@ -249,7 +249,7 @@ class Predictor:
             model = traced if traced is not None else model
             self.forward_mode = why if traced is not None else f"eager ({why})"
         self.model = model
-        # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
+        # A model trained on aligned face chips: find and align faces first (data.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None

@@ -10,7 +10,7 @@
 The service is thin: every model is a ``serving.predictor.Predictor`` (the batch script uses the
 same class). An upload's header is read on the event loop; small images (by pixel count, from
 the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
-face model (detect, align: ``models.faces``). Inputs are queued per model; a
+face model (detect, align: ``data.faces``). Inputs are queued per model; a
 batcher runs the forward pass on whatever has queued up, so concurrent requests share one batched
 forward (in its own thread, or on the event loop when the forward is fast and no other request is
 in flight). Uploads arrive in memory (``serving.guards.Upload``), not as temporary files.

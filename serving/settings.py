@@ -140,8 +140,8 @@ class Settings:
     def check_models(self) -> None:
         """``SettingsError`` naming the first configured model that is not a bundle in the store, or whose
         face stage (a bundle with a ``faces`` entry: dlib and the landmark model) is missing."""
+        from data.faces import FaceStageError, check_available
         from models.bundle import BundleError, read_meta
-        from models.faces import FaceStageError, check_available
         from models.store import bundle_dir_for_tag
 
         for tag in self.models:

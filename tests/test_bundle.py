@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from data.imagefile import sha256_file
 from data.preprocess import PreprocessSpec
 from models import get_model, get_model_builder, list_models
 from models.bundle import META_FILE, WEIGHTS_FILE, BundleError, load_bundle, read_meta, save_bundle
-from models.faces import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIC = [n for n in list_models() if get_model_builder(n).__module__ == "models.classic"]

@@ -223,7 +223,10 @@ class Predictor:
         meta = bundle[1] if isinstance(bundle, tuple) else read_meta(bundle)
         folder = meta.path if isinstance(bundle, tuple) else Path(bundle)
         # "onnx" or "torch" (pick_runtime); ONNX Runtime never needs the torch module: not built
-        self.runtime = pick_runtime(runtime, meta, self.device)
+        # a loaded module handed in runs as it is unless runtime="onnx" asks for the bundle's graph
+        self.runtime = pick_runtime(
+            "torch" if isinstance(bundle, tuple) and runtime == "auto" else runtime, meta, self.device
+        )
         self.onnx: OnnxForward | None = None
         model: nn.Module | None = None
         if self.runtime == "onnx":

@@ -851,8 +851,8 @@ def test_predictor_directly_clamps_and_formats(store: dict, tmp_path: Path) -> N
 def test_predictor_optimized_forward_matches_the_model_and_falls_back_when_tracing_would_be_wrong(store: dict) -> None:
     from serving.predictor import Predictor, trace_for_cpu
 
-    eager = Predictor(store["bundles"]["age"], device="cpu")
-    fast = Predictor(store["bundles"]["age"], device="cpu", optimize=True)
+    eager = Predictor(store["bundles"]["age"], device="cpu", runtime="torch")
+    fast = Predictor(store["bundles"]["age"], device="cpu", optimize=True, runtime="torch")
     assert (eager.forward_mode, fast.forward_mode) == ("eager", "torchscript")
     assert isinstance(fast.model, torch.jit.ScriptModule) and not isinstance(eager.model, torch.jit.ScriptModule)
     x = torch.rand(5, 3, 32, 32)  # a batch size it was not traced at

@@ -9,23 +9,21 @@
 actor) beside the local engine: both run as a user runs them, whole runs timed (Ray's start-up
 included), alternating ``--repeats`` times; medians, their spread and the ratio are printed.
 Target: the Ray engine at least 0.8 of the local engine's images/s. ``--no-bound`` skips the
-in-process bound below. ``--optimize-ab`` times the local engine's TorchScript forward (its
-default, ``--optimize``) against the model as it is (``--no-optimize``) the same way.
-
-    python benchmarks/batch_throughput.py --models simple_cnn,resnet18 --optimize-ab --no-bound --repeats 3
+in-process bound below. Both engines run the script's default runtime (ONNX Runtime on a CPU).
 
 ``--runtime-ab`` times ``--runtime onnx`` (ONNX Runtime over the bundle's model.onnx, the script's
-default on a CPU) against ``--runtime torch`` (its TorchScript forward), whole runs alternating;
-targets: 1.25x on resnet18, 1.0x on the others. ``--ray`` runs both engines on the default runtime.
-The in-process bound is TorchScript's, so the script is held to it with ``--runtime torch``.
+default on a CPU and its one optimized path) against ``--runtime torch`` (the PyTorch module as it
+is, eager: what runs on a GPU and for a bundle without model.onnx), whole runs alternating;
+targets: 1.25x on resnet18, 1.0x on the others. (ONNX Runtime against the TorchScript forward that
+``--runtime torch`` ran before it was removed: docs/RESULTS.md.)
 
     python benchmarks/batch_throughput.py --models simple_cnn,resnet18 --runtime-ab --no-bound --repeats 3
 
 The batch script runs as a user runs it (a subprocess over a CSV listing the files, CSV out),
 timed from start to exit; its own ``files/s`` line (which leaves out interpreter start-up) is
 shown too. The upper bound runs here on the same files with the same model, batch size and
-torch threads: ``data.preprocess.load_image`` + the bundle's preprocessing + batched forward
-under ``torch.inference_mode`` (TorchScript, as the script runs it, unless ``--no-optimize``),
+threads: ``data.preprocess.load_image`` + the bundle's preprocessing + batched forward in ONNX
+Runtime (``serving.predictor.Predictor(runtime="onnx")``, what the script and the service run),
 once decoding one file after another and once decoding in as many threads as the script has
 decoding workers; the better of the two is the bound. Models
 (random weights, which do not change the speed): ``simple_cnn`` built for 64x64 RGB and
@@ -64,35 +62,28 @@ from _serve_common import (
 from rich.console import Console
 from rich.table import Table
 
-from data.preprocess import eval_transform, load_image, preprocess
-from models.bundle import load_bundle
-from serving.predictor import trace_for_cpu
+from data.preprocess import load_image
+from serving.predictor import Predictor
 
 TARGET = 0.8
 MIN_IMAGES = 5000
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
-@torch.inference_mode()
-def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int, optimize: bool = True) -> float:
-    """Images/s of decode + preprocess + batched forward here; ``threads`` decoding threads (0: inline)."""
-    model, meta = load_bundle(bundle)
-    spec, transform = meta.preprocess, eval_transform(meta.preprocess)
-    if optimize:  # the forward the script runs by default
-        traced, why = trace_for_cpu(model, (spec.channels, *spec.input_size))
-        if traced is None:
-            raise BenchError(f"the bundle does not trace ({why}): run with --no-optimize")
-        model = traced
+def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+    """Images/s of decode + preprocess + batched ONNX Runtime forward here; ``threads`` decoding threads (0: inline)."""
+    predictor = Predictor(bundle, device="cpu", runtime="onnx")  # the forward the script and the service run
+    spec, forward = predictor.spec, predictor.predict_tensors
 
     def load(path: Path) -> torch.Tensor:
-        return preprocess(load_image(path, spec.channels), spec, transform)  # (C, h, w)
+        return predictor.preprocess(load_image(path, spec.channels))  # (C, h, w)
 
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    model(torch.stack([load(p) for p in chunks[0][:2]]))  # warm-up
+    forward(torch.stack([load(p) for p in chunks[0]]))  # warm-up at the batch size
     t0 = time.perf_counter()
     if threads == 0:
         for chunk in chunks:
-            model(torch.stack([load(p) for p in chunk]))  # (B, C, h, w) -> (B, 1)
+            forward(torch.stack([load(p) for p in chunk]))  # (B, C, h, w) -> (B,)
     else:
         with ThreadPoolExecutor(threads) as pool:
             todo, pending = iter(chunks), deque()
@@ -103,7 +94,7 @@ def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int, 
                 batch = torch.stack([f.result() for f in pending.popleft()])
                 if (chunk := next(todo, None)) is not None:
                     pending.append([pool.submit(load, p) for p in chunk])
-                model(batch)
+                forward(batch)
     return len(files) / (time.perf_counter() - t0)
 
 
@@ -114,13 +105,12 @@ def run_batch_script(
     batch_size: int,
     workers: int | None,
     engine: str = "local",
-    optimize=True,
     runtime: str = "auto",
 ) -> dict:
     """Run ``python -m serving.batch`` as a user would; wall-clock images/s and its own reported rate."""
     cmd = [sys.executable, "-m", "serving.batch", "--model", str(bundle), "--input", str(csv), "--output", str(out)]
     cmd += ["--batch-size", str(batch_size), "--no-progress", "--engine", engine]
-    cmd += ([] if optimize else ["--no-optimize"]) + ["--runtime", runtime]
+    cmd += ["--runtime", runtime]
     if workers is not None and engine == "local":
         cmd += ["--workers", str(workers)]
     t0 = time.perf_counter()
@@ -150,8 +140,6 @@ def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path
         result |= bench_bound(bundle, args, files, csv, scratch)
     if args.ray:
         result["engines"] = bench_pair("engines", bundle, args, files, csv, scratch)
-    if args.optimize_ab:
-        result["forwards"] = bench_pair("forwards", bundle, args, files, csv, scratch)
     if args.runtime_ab:
         result["runtimes"] = bench_pair("runtimes", bundle, args, files, csv, scratch)
     return result
@@ -160,12 +148,12 @@ def bench_model(key: str, args: argparse.Namespace, files: list[Path], csv: Path
 def bench_bound(bundle: Path, args: argparse.Namespace, files: list[Path], csv: Path, scratch: Path) -> dict:
     """The local engine against the in-process decode + forward bound."""
     threads = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)  # the script's default
-    serial = upper_bound(bundle, files, args.batch_size, 0, args.optimize)
+    serial = upper_bound(bundle, files, args.batch_size, 0)
     console.print(f"  in process, decoding inline:        {serial:8.1f} images/s")
-    threaded = upper_bound(bundle, files, args.batch_size, threads, args.optimize) if threads else serial
+    threaded = upper_bound(bundle, files, args.batch_size, threads) if threads else serial
     console.print(f"  in process, {threads} decoding threads:     {threaded:8.1f} images/s")
     out = scratch / "labels.csv"
-    run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, optimize=args.optimize, runtime="torch")
+    run = run_batch_script(bundle, csv, out, args.batch_size, args.workers, runtime="onnx")
     check_rows(out, len(files), "the batch script")
     script = len(files) / run["seconds"]
     console.print(f"  python -m serving.batch (whole run): {script:8.1f} images/s  ({run['seconds']:.1f} s)")
@@ -206,12 +194,8 @@ def alternate(
 # (short name in the results and tables, the option shown, ``run_batch_script`` keywords).
 PAIRS = {
     "engines": (("local", "--engine local", {"engine": "local"}), ("ray", "--engine ray", {"engine": "ray"})),
-    "forwards": (
-        ("eager", "--no-optimize", {"optimize": False, "runtime": "torch"}),
-        ("torchscript", "--optimize", {"optimize": True, "runtime": "torch"}),
-    ),
     "runtimes": (
-        ("torchscript", "--runtime torch", {"optimize": True, "runtime": "torch"}),
+        ("torch", "--runtime torch", {"runtime": "torch"}),
         ("onnx", "--runtime onnx", {"runtime": "onnx"}),
     ),
 }
@@ -246,9 +230,7 @@ def report(results: dict, n: int, batch_size: int) -> list[tuple[str, bool]]:
     comparisons = (  # (results entry, title, wanted ratio, the check's words)
         ("engines", "--engine ray against --engine local", TARGET,
          "Ray engine at {:.2f} of the local engine, start-up included"),
-        ("forwards", "--optimize (TorchScript) against --no-optimize, local engine", 0.95,
-         "--optimize at {:.2f}x --no-optimize, no slower within the noise"),
-        ("runtimes", "--runtime onnx (ONNX Runtime) against --runtime torch (TorchScript), local engine", None,
+        ("runtimes", "--runtime onnx (ONNX Runtime) against --runtime torch (eager), local engine", None,
          "--runtime onnx at {:.2f}x --runtime torch"),
     )  # fmt: skip
     for part, title, want, words in comparisons:
@@ -307,15 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run over 300 files")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     p.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each contender (--ray, --optimize-ab)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each contender (--ray, --runtime-ab)")
     p.add_argument("--no-bound", action="store_true", help="skip the local engine's in-process bound")
-    p.add_argument(
-        "--optimize-ab", action="store_true", help="also compare the script's --optimize (default) with --no-optimize"
-    )
-    p.add_argument(
-        "--runtime-ab", action="store_true", help="also compare --runtime onnx with --runtime torch (TorchScript)"
-    )
-    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="bound and script: the model as it is")
+    p.add_argument("--runtime-ab", action="store_true", help="also compare --runtime onnx with --runtime torch (eager)")
     args = p.parse_args(argv)
     args.images = args.images or (300 if args.quick else MIN_IMAGES)
     return args
@@ -327,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = parse_list(args.models, list(BATCH_MODELS), "--models")
         if args.images < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 0):
             raise BenchError("--images and --batch-size must be positive, --workers 0 or more")
-        if args.repeats < 1 or (args.no_bound and not (args.ray or args.optimize_ab or args.runtime_ab)):
-            raise BenchError(
-                "--repeats must be positive; --no-bound needs --ray, --optimize-ab or --runtime-ab (nothing to measure)"
-            )
+        if args.repeats < 1 or (args.no_bound and not (args.ray or args.runtime_ab)):
+            raise BenchError("--repeats must be positive; --no-bound needs --ray or --runtime-ab (nothing to measure)")
         root = data_root(args.data_root)
         with tempfile.TemporaryDirectory(prefix="svertka-batch-bench-") as tmp:
             scratch = Path(tmp)

@@ -282,13 +282,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="what runs the model: onnx (ONNX Runtime over the bundle's model.onnx, CPU), torch, or auto "
         "(default: onnx on a CPU when the bundle has model.onnx, else torch)",
     )
-    p.add_argument(
-        "--optimize",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--runtime torch on a CPU: run the forward as TorchScript when it matches the model (default); "
-        "--no-optimize: as it is",
-    )
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
     ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default)")
@@ -326,12 +319,12 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def runtime_shown(args: argparse.Namespace, predictor: Predictor) -> str:
-    """What ran the model, for the summary line: ``onnx``, ``torch (torchscript)``, ``torch (eager)``."""
+    """What ran the model, for the summary line: ``onnx (ONNX Runtime)``, ``torch``, ``torch (Ray GPU actors)``."""
     if args.engine == "ray" and str(args.device).startswith("cuda"):
         return "torch (Ray GPU actors)"
     if predictor.runtime == "onnx":
         return "onnx (ONNX Runtime)"
-    return f"torch ({predictor.forward_mode})"
+    return "torch"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,25 +334,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs = check_args(args)
         paths, shown = resolve_inputs(args.input)
         bundle = resolve_model(args.model)
-        local = args.engine == "local"
-        device = args.device if local else "cpu"  # Ray: the driver only reads the bundle
+        device = args.device if args.engine == "local" else "cpu"  # Ray: the driver only reads the bundle
         try:
-            optimize = args.optimize and local
-            predictor = Predictor(bundle, device, args.max_pixels, optimize=optimize, runtime=args.runtime)
+            predictor = Predictor(bundle, device, args.max_pixels, runtime=args.runtime)
         except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
-        if predictor.forward_mode.startswith("eager ("):  # --optimize asked for, the traced forward did not match
-            why = predictor.forward_mode.removeprefix("eager ")  # "(the reason)"
-            print(f"note: --optimize: the model runs as it is {why}", file=sys.stderr)
         truth = read_truth(args.truth, predictor) if args.truth else None
         if args.engine == "ray":
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
 
             ray_opts = RayOptions(
-                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.optimize,
-                args.runtime,
+                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.runtime
             )  # fmt: skip
             table, rows, bad, faceless = run_ray(
                 predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,

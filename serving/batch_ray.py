@@ -73,7 +73,6 @@ class RayOptions:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    optimize: bool = True  # CPU actors: TorchScript forward when it matches the model (Predictor(optimize=))
     runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
@@ -87,7 +86,6 @@ class Forward:
         max_pixels: int | None,
         top_k: int,
         threads: int,
-        optimize: bool = False,
         runtime: str = "auto",
     ) -> None:
         import ray
@@ -98,7 +96,7 @@ class Forward:
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize, runtime=runtime)
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, runtime=runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
@@ -234,7 +232,6 @@ def pipeline(
                 predictor.max_pixels,
                 top_k,
                 threads,
-                opts.optimize,
                 opts.runtime,
             ),
             compute=ray.data.ActorPoolStrategy(size=opts.workers),

@@ -17,8 +17,9 @@ before the model sees them:
     [{'box': [212, 80, 301, 169], 'score': 1.21, 'age': 31.4}, ...]
 
 ``runtime`` says what runs the network: ``"onnx"`` (ONNX Runtime over the bundle's ``model.onnx``,
-CPU), ``"torch"`` (the ``nn.Module``), or ``"auto"`` (the default: ONNX Runtime on a CPU when the
-bundle has ``model.onnx``, torch otherwise and on a GPU). ONNX Runtime runs with as many intra-op
+CPU: the one optimized path), ``"torch"`` (the ``nn.Module`` as it is, eager: for a GPU and for a
+bundle without ``model.onnx``), or ``"auto"`` (the default: ONNX Runtime on a CPU when the bundle
+has ``model.onnx``, torch otherwise and on a GPU). ONNX Runtime runs with as many intra-op
 threads as ``torch.get_num_threads()`` says at each call (one session per thread count), so every
 thread setting of the service, the batch script and the Ray actors applies to both runtimes.
 
@@ -28,7 +29,6 @@ Imports neither Lightning nor ``training``.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,35 +101,6 @@ class OnnxForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session(torch.get_num_threads()).run(None, {self.input: batch})[0])
-
-
-def trace_for_cpu(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module | None, str]:
-    """``model`` as TorchScript frozen for inference (``torch.jit.optimize_for_inference``), or ``None`` and why not.
-
-    On a CPU this folds batch norms into the convolutions and runs them through oneDNN: resnet18,
-    one thread, 25-28 % less time per forward at batch sizes 1-16; simple_cnn ~3 % (docs/SERVING.md).
-    Traced, so only for models without data-dependent control flow (every architecture here); the
-    traced module is checked against the model itself on random batches of two sizes, and not used
-    if any output differs by more than 1e-3 of the output's scale. Runs no file: the model is
-    already loaded.
-    """
-    c, h, w = input_shape
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarnings on shape checks: the input size is fixed here
-            traced = torch.jit.trace(model, torch.randn(2, c, h, w), check_trace=False)  # checked below, cheaper
-            traced = torch.jit.optimize_for_inference(traced)
-            for n in (1, 3):
-                x = torch.randn(n, c, h, w)
-                want, got = model(x), traced(x)
-                if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                    return None, "traced output has another shape"
-                scale = float(want.abs().max()) or 1.0
-                if float((got - want).abs().max()) > 1e-3 * scale:
-                    return None, f"traced output differs from the model's (batch of {n})"
-    except Exception as e:  # noqa: BLE001 - anything tracing cannot handle: run the model as it is
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return traced, "torchscript"
 
 
 @dataclass
@@ -216,7 +187,6 @@ class Predictor:
         device: str | torch.device | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         face_settings: DetectSettings | None = None,
-        optimize: bool = False,
         runtime: str = "auto",
     ) -> None:
         self.device = auto_device(device)
@@ -242,15 +212,6 @@ class Predictor:
             model, self.meta = load_bundle(bundle, device=self.device)
         self.max_pixels = max_pixels
         self.spec = self.meta.preprocess
-        # optimize (torch runtime, CPU only): the forward runs as TorchScript frozen for inference
-        # (trace_for_cpu), if it traces and matches the model; the module itself is then let go (the
-        # traced one has its own weights). `forward_mode` says which: "onnxruntime", "eager",
-        # "torchscript" or "eager (why not)".
-        self.forward_mode = "onnxruntime" if self.onnx is not None else "eager"
-        if optimize and self.device.type == "cpu" and model is not None:
-            traced, why = trace_for_cpu(model, (self.spec.channels, *self.spec.input_size))
-            model = traced if traced is not None else model
-            self.forward_mode = why if traced is not None else f"eager ({why})"
         self.model = model
         # A model trained on aligned face chips: find and align faces first (data.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
@@ -319,8 +280,8 @@ class Predictor:
     def warm_up(self, max_batch_size: int, budget_s: float = 1.0) -> int:
         """Run a forward at batch sizes 1, 2, ... ``max_batch_size`` until ``budget_s`` is spent; how many ran.
 
-        The first call at a batch size allocates, and TorchScript profiles it (simple_cnn: ~1 ms more
-        than later calls): better here, at start, than on the first requests.
+        The first call at a batch size allocates (ONNX Runtime plans its memory for that shape): better
+        here, at start, than on the first requests.
         """
         c, (h, w) = self.spec.channels, self.spec.input_size
         start = time.perf_counter()

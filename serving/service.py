@@ -303,7 +303,7 @@ class Svertka:
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
             s = SETTINGS
-            pred = Predictor(stored.path, s.device, s.max_pixels, optimize=s.optimize, runtime=s.runtime)
+            pred = Predictor(stored.path, s.device, s.max_pixels, runtime=s.runtime)
             pred.warm_up(SETTINGS.max_batch_size)
             if pred.onnx is not None:  # ONNX Runtime: a session per thread count; the lone requests' one now too
                 pred.onnx.session(s.solo_threads)
@@ -316,7 +316,6 @@ class Svertka:
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
             info["runtime"] = pred.runtime  # "onnx" (ONNX Runtime over model.onnx) or "torch"
-            info["forward"] = pred.forward_mode
             info["input"]["max_body_bytes"] = SETTINGS.max_body_bytes
             self.models_info.append(info)
         # Everything loaded so far (BentoML, torch, pydantic: a million objects) lives as long as the

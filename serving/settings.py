@@ -26,7 +26,6 @@ exits 1, without a traceback.
     SVERTKA_TRACING           1: BentoML's OpenTelemetry middleware on each request (0)
     SVERTKA_FULL_GC_S         seconds between full garbage collections; 0: Python's own schedule (300)
     SVERTKA_RUNTIME           onnx, torch, or auto: ONNX Runtime on a CPU when the bundle has model.onnx (auto)
-    SVERTKA_OPTIMIZE          1: torch runtime on a CPU, forward as TorchScript frozen for inference (1)
 """
 
 from __future__ import annotations
@@ -94,7 +93,6 @@ class Settings:
     metrics: bool
     tracing: bool
     full_gc_s: int
-    optimize: bool
     runtime: str
 
     @classmethod
@@ -134,10 +132,8 @@ class Settings:
             # Python's automatic full collections scanned BentoML's per-request 60 s timers (~160k objects
             # per worker under load) every ~1.4 s, stalling the worker 45-140 ms each time (docs/SERVING.md).
             full_gc_s=_int(env, "SVERTKA_FULL_GC_S", 300),
-            # TorchScript + oneDNN, checked against the model at start (serving.predictor.trace_for_cpu):
-            # resnet18 forwards 25-28 % faster on one thread.
-            optimize=_int(env, "SVERTKA_OPTIMIZE", 1) > 0,
-            # ONNX Runtime over the bundle's model.onnx (serving.predictor): resnet18 1.2-1.9x TorchScript's speed
+            # ONNX Runtime over the bundle's model.onnx (serving.predictor), the one optimized CPU path:
+            # resnet18 1.2-1.9x the speed of the TorchScript forward it replaced
             runtime=_runtime(env, device),
         )
 

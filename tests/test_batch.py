@@ -23,8 +23,7 @@ from data.preprocess import PreprocessSpec, load_image, preprocess
 from models import get_model
 from models.bundle import load_bundle, save_bundle
 from serving import batch
-from serving import predictor as predictor_module
-from serving.predictor import Predictor, Prepared
+from serving.predictor import Prepared
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{i}" for i in range(10)]
@@ -170,32 +169,6 @@ def test_collate_sends_each_input_once_in_the_batch() -> None:
     assert batch.collate([(0, None, "bad")]) == ([(0, [], 0, "bad")], None)
 
 
-def test_optimize_runs_torchscript_by_default_same_rows(
-    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    made: list[Predictor] = []
-    monkeypatch.setattr(batch, "Predictor", lambda *a, **k: made.append(Predictor(*a, **k)) or made[-1])
-    tables = []
-    for flags in (["--runtime", "torch"], ["--runtime", "torch", "--no-optimize"]):
-        out = tmp_path / f"ages{len(tables)}.csv"
-        assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out,
-                   "--workers", "0", "--batch-size", "5", *flags) == 0  # fmt: skip
-        tables.append(pd.read_csv(out))
-    assert [p.forward_mode for p in made] == ["torchscript", "eager"]
-    assert tables[0]["age"].notna().sum() == len(setup["good"])
-    pd.testing.assert_frame_equal(tables[0], tables[1], rtol=0, atol=1e-4)  # batch sizes the trace never saw
-    assert "note:" not in capsys.readouterr().err
-
-    # A model the traced forward does not match runs as it is, with one line saying why.
-    monkeypatch.setattr(predictor_module, "trace_for_cpu", lambda model, shape: (None, "RuntimeError: untraceable"))
-    out = tmp_path / "ages_eager.csv"
-    args = ("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0")
-    assert run(*args, "--runtime", "torch") == 0
-    assert made[-1].forward_mode == "eager (RuntimeError: untraceable)"
-    assert "note: --optimize: the model runs as it is (RuntimeError: untraceable)" in capsys.readouterr().err
-    pd.testing.assert_frame_equal(pd.read_csv(out), tables[1], rtol=0, atol=1e-4)  # eager, another batch size
-
-
 def test_truth_scores_regressor_by_name_and_classifier_by_path(setup: dict, tmp_path: Path) -> None:
     good = setup["good"]
     ages = {p.name: 10.0 + 3 * i for i, p in enumerate(good)}
@@ -254,7 +227,7 @@ def test_onnx_runtime_by_default_same_rows_as_torch(
                    "--workers", "0", "--batch-size", "4", "--runtime", runtime) == 0  # fmt: skip
         tables[runtime] = pd.read_csv(out)
         summary = capsys.readouterr().err.strip().splitlines()[-1]
-        want = "runtime: onnx (ONNX Runtime)" if runtime != "torch" else "runtime: torch (torchscript)"
+        want = "runtime: onnx (ONNX Runtime)" if runtime != "torch" else "runtime: torch"
         assert summary.endswith(want), summary
     assert tables["auto"].notna().sum().sum() > len(setup["good"])
     pd.testing.assert_frame_equal(tables["auto"], tables["onnx"])

@@ -230,8 +230,7 @@ def test_balancer_spaces_the_closes_and_counts_a_queued_one_until_it_goes_out(wo
 
 def test_settings_parse_once_with_one_clear_error() -> None:
     s = Settings.from_env({"SVERTKA_MODELS": "a, b:v1,a", "SVERTKA_WORKERS": "2", "SVERTKA_DEVICE": "cpu"})
-    assert s.models == ("a:latest", "b:v1") and s.workers == 2 and s.max_in_flight == 64 and s.optimize
-    assert not Settings.from_env({"SVERTKA_OPTIMIZE": "0", "SVERTKA_DEVICE": "cpu"}).optimize
+    assert s.models == ("a:latest", "b:v1") and s.workers == 2 and s.max_in_flight == 64
     for env, words in [
         ({"SVERTKA_WORKERS": "two"}, "SVERTKA_WORKERS='two' is not an integer"),
         ({"SVERTKA_MAX_IN_FLIGHT": "0"}, "SVERTKA_MAX_IN_FLIGHT=0 must be at least 1"),

@@ -407,7 +407,7 @@ def test_models_endpoint(server: str, store: dict) -> None:
         assert age["input"]["width"] == 32 and age["input"]["channels"] == 3
         assert age["metrics"] == shown_metrics("age") and "test/mae" in age["metrics"]
         # SVERTKA_RUNTIME's default on a CPU: ONNX Runtime over each bundle's model.onnx
-        assert clf["runtime"] == age["runtime"] == "onnx" and clf["forward"] == age["forward"] == "onnxruntime"
+        assert clf["runtime"] == age["runtime"] == "onnx"
 
 
 def test_page_is_served_self_contained(server: str) -> None:
@@ -846,36 +846,6 @@ def test_predictor_directly_clamps_and_formats(store: dict, tmp_path: Path) -> N
     result = clf.predict_files([sample_images()["rgb.png"]], top_k=3)[0]
     assert set(result) == {"label", "score", "top_k"} and len(result["top_k"]) == 3
     assert clf.info()["class_names"] == CLASSES
-
-
-def test_predictor_optimized_forward_matches_the_model_and_falls_back_when_tracing_would_be_wrong(store: dict) -> None:
-    from serving.predictor import Predictor, trace_for_cpu
-
-    eager = Predictor(store["bundles"]["age"], device="cpu", runtime="torch")
-    fast = Predictor(store["bundles"]["age"], device="cpu", optimize=True, runtime="torch")
-    assert (eager.forward_mode, fast.forward_mode) == ("eager", "torchscript")
-    assert isinstance(fast.model, torch.jit.ScriptModule) and not isinstance(eager.model, torch.jit.ScriptModule)
-    x = torch.rand(5, 3, 32, 32)  # a batch size it was not traced at
-    torch.testing.assert_close(fast.predict_tensors(x), eager.predict_tensors(x), atol=1e-3, rtol=1e-4)
-    assert fast.warm_up(4, budget_s=60) == 4
-
-    class ByBatchSize(torch.nn.Module):  # control flow that tracing bakes in: right only at the traced size
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1)[:, :3] * (1.0 if x.shape[0] == 2 else -1.0)
-
-    traced, why = trace_for_cpu(ByBatchSize(), (3, 8, 8))
-    assert traced is None and "differs" in why
-
-    class Untraceable(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> dict:
-            return {"out": x.sum()}
-
-    traced, why = trace_for_cpu(Untraceable(), (3, 8, 8))
-    assert traced is None and why
-    _, meta = load_bundle(store["bundles"]["age"])
-    model = ByBatchSize()
-    p = Predictor((model, meta), device="cpu", optimize=True)
-    assert p.forward_mode.startswith("eager (") and p.model is model  # the model as it is, and why
 
 
 @contextmanager

@@ -8,10 +8,11 @@ It builds the run as the fit does (``SvertkaCLI`` with ``run=False``: the same c
 ``limit_train_batches`` batches of the fit's own train loader, moved to the device and put in the
 memory format and dtype the network sees, and then trains on them with nothing else: zero grad,
 forward, ``ImageClassifier``'s loss, backward, optimizer step (and a step-interval scheduler's
-step). No DataLoader, no Lightning loop, no logging, no metric. Nothing a fit must do is left
-out, so no fit can be faster. It times each epoch as ``_timing.EpochTimer`` times the fit's (from
-the end of batch ``SVERTKA_BENCH_WARMUP - 1`` to the end of the last batch, the device synced at
-both ends) and writes the same JSON to ``SVERTKA_BENCH_OUT``.
+step). No DataLoader, no Lightning loop, no logging, no metric: only work every fit must do, so
+no fit can be faster (``tests/test_benchmarks.py`` checks that both end with the same weights).
+It times each epoch as ``_timing.EpochTimer`` times the fit's (from the end of batch
+``SVERTKA_BENCH_WARMUP - 1`` to the end of the last batch, the device synced at both ends) and
+writes the same JSON to ``SVERTKA_BENCH_OUT``.
 """
 
 from __future__ import annotations

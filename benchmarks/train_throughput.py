@@ -2,14 +2,14 @@
 
     DATASETS_DIR=../shared/datasets python benchmarks/train_throughput.py [--config configs/fashion_mnist_cnn.yaml]
     DATASETS_DIR=... python benchmarks/train_throughput.py --batch_size 16 --no_augment --repeats 3
-    DATASETS_DIR=... python benchmarks/train_throughput.py --accelerator gpu [--precision bf16-mixed]
+    DATASETS_DIR=... python benchmarks/train_throughput.py --accelerator gpu [--precision bf16-mixed] [--compile]
 
 In one run, on Fashion-MNIST's training images, each in a fresh process with the same options:
   (a) the ceiling, ``benchmarks/_ceiling.py``: the run the fit would train (same config, seed,
       threads, network, optimizer and its settings, precision, device), on batches taken from the
       fit's own loader beforehand and already on the device, in the memory format and dtype the
       network sees; then a bare loop of zero grad, forward, loss, backward, optimizer step. No
-      DataLoader, no Lightning: nothing a fit must do is left out, so no fit can be faster;
+      DataLoader, no Lightning, no logging: only work every fit must do, so no fit can be faster;
   (b) ``python -m training fit`` with the same config, without and with augmentation (the
       augmentation is work the fit does on top of the ceiling's).
 Both time the last epoch from the end of its ``--warmup``-th batch to the end of its last batch
@@ -17,7 +17,10 @@ Both time the last epoch from the end of its ``--warmup``-th batch to the end of
 counted), each epoch being ``--warmup`` + ``--batches`` batches. The runs alternate (a, b, b
 with augmentation, a, b, ...) ``--repeats`` times; the table gives medians, the spread of each
 run's repeats as min-max and as a percentage of the median, and the fit/ceiling ratio per repeat.
-Targets (issue #25): fit/ceiling >= 0.9 without augmentation and >= 0.8 with it.
+Targets (issue #25): fit/ceiling >= 0.9 without augmentation and >= 0.8 with it. ``--channels_last``,
+``--compile`` and ``--precision`` go to every run (the ceiling trains through the same
+``channels_last`` / ``torch.compile`` network and the fit's precision plugin); ``--fit_args`` to
+the fits only, to try a setting against an unchanged ceiling.
 ``--old_loop`` adds the loop this benchmark used before issue #25 (in the benchmark's own process,
 a shuffled index into pre-normalized tensors, torch's default settings), which the fit could beat.
 """
@@ -120,6 +123,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=None, help="override the config's batch size (every run)")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where every run trains")
     p.add_argument("--precision", default=None, help="--trainer.precision for every run, e.g. bf16-mixed")
+    p.add_argument("--channels_last", action="store_true", help="--model.init_args.channels_last true for every run")
+    p.add_argument("--compile", action="store_true", help="--model.init_args.compile_net true for every run")
     p.add_argument("--no_augment", action="store_true", help="skip the fit with augmentation")
     p.add_argument("--old_loop", action="store_true", help="add the pre-#25 plain loop as a line of its own")
     p.add_argument("--fit_args", default="", help="extra options for the fits only (space-separated)")
@@ -148,11 +153,14 @@ def main() -> None:
     common += [f"--num_threads={args.threads}"] if args.threads else []
     common += [f"--data.init_args.batch_size={bs}"] if args.batch_size else []
     common += [f"--trainer.precision={args.precision}"] if args.precision else []
+    common += ["--model.init_args.channels_last=true"] if args.channels_last else []
+    common += ["--model.init_args.compile_net=true"] if args.compile else []
     fit_args = common + args.fit_args.split()
     net = cfg["model"]["init_args"]["net"]
     threads = args.threads or torch.get_num_threads()
     print(f"config {args.config.name}: net={net} batch_size={bs}, {args.warmup} + {args.batches} batches an epoch")
-    print(f"accelerator={args.accelerator} precision={args.precision or '32-true'} torch threads={threads}")
+    flags = "".join(f" {f}" for f, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    print(f"accelerator={args.accelerator} precision={args.precision or '32-true'}{flags} torch threads={threads}")
     print(f"{args.epochs} epoch(s), the last timed after its first {args.warmup} batches; {args.repeats} repeats")
     if args.fit_args:
         print(f"fit only: {args.fit_args}")

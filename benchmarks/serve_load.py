@@ -8,6 +8,7 @@ The must-show numbers of issue #23 (a quiet 2-core machine; `apt-get install wrk
                                                             # codes, worker RSS over time, Retry-After on 503s
     python benchmarks/serve_load.py --quick                 # smoke run: 1 repeat, 2 s runs
     python benchmarks/serve_load.py --servers service --variant nobal:SVERTKA_BALANCE=0   # ours, a setting off
+    python benchmarks/serve_load.py --servers service --variant old@../main   # ours, from another checkout
 
 Servers (``--servers``), all up at once; each repeat runs every server in turn, the order reversed
 every other repeat, so a noisy machine's drift hits them alike:
@@ -19,15 +20,18 @@ every other repeat, so a noisy machine's drift hits them alike:
   batches of up to 8 within 5 ms, eager);
 - ``service``: ours (``bentoml serve`` at the repo root, ``SVERTKA_*`` from the environment);
 - ``bento_batching``: BentoML's own adaptive batching on a one-argument copy of ``/classify``;
-- ``--variant NAME:SVERTKA_X=...``: ours again with other settings (the on/off table of docs/SERVING.md).
+- ``--variant NAME[@DIR][:SVERTKA_X=...]``: ours again with other settings or another checkout's ``serving/``
+  (the on/off table of docs/SERVING.md).
 
 Load: ``wrk`` (C; ``benchmarks/wrk_multipart.lua`` posts the images as multipart uploads) with
 ``--connections`` keep-alive connections for ``--seconds``, on fresh connections every run (the
 first second counts: a server that serves new connections unevenly shows it in its p99), then
 ``--python-clients`` tasks on one shared ``aiohttp.ClientSession`` (``benchmarks/_loadgen.py``, the
 Python user's view; ``0`` skips it). Before the repeats each server gets an unrecorded warm-up.
-The in-process bound runs the forward the service runs (``serving.predictor.Predictor`` as the
-service builds it): decode + preprocess + forward one image at a time and in batches of 32.
+Only the server being measured runs: the others are stopped (SIGSTOP) meanwhile, since some use CPU
+while idle (LitServe's inference workers poll their queues: ~0.4 cores). The in-process bound runs
+the forward the service runs (``serving.predictor.Predictor`` as the service builds it): decode +
+preprocess + forward one image at a time and in batches of 32.
 Models: ``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound) and ``resnet18`` on UTKFace
 200x200 JPEGs resized to 224 (compute-bound), both with random weights. Images come from
 ``--data-root`` or ``$DATASETS_DIR``; without either, synthetic images (said in the output).
@@ -43,6 +47,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -82,6 +87,7 @@ LABELS = {
 # Issue #23, wrk at 32 connections: ours over (plain2, litserve), at least.
 TARGETS = {"simple_cnn": {"plain2": 1.5, "litserve": 2.0}, "resnet18": {"plain2": 2.5, "litserve": 1.5}}
 TOOLS = ("wrk", "python")
+PAUSED: set[subprocess.Popen] = set()  # servers stopped while another one is measured
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
@@ -195,6 +201,20 @@ def server_specs(bundle: Path, tag: str, workers: int) -> dict[str, tuple[list[s
     }
 
 
+def pause(others: dict[str, subprocess.Popen]) -> None:
+    """Stop (SIGSTOP) the process groups of ``others`` and continue every other server's: a server that is not
+    being measured uses no CPU (LitServe's inference workers poll their queues, ~0.4 cores while idle)."""
+    for proc in PAUSED - set(others.values()):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
+        PAUSED.discard(proc)
+    for proc in set(others.values()) - PAUSED:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
+        PAUSED.add(proc)
+    time.sleep(0.2 if others else 0.0)  # continued servers catch up on their timers
+
+
 def summarize(runs: list[dict]) -> dict:
     """One server's runs with one tool -> medians, min-max of req/s, errors summed, p99/p50 of each run."""
     rates = [r["requests_per_s"] for r in runs]
@@ -235,20 +255,28 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
         f"images/s one by one, {ip['batched_images_per_s']:.1f} in batches of 32"
     )
     specs = server_specs(bundle, tag, workers)
-    servers = {name: specs[name] for name in args.servers}
-    for name, _, overrides in args.variant:
+    servers = {name: (*specs[name], REPO) for name in args.servers}
+    for name, folder, overrides in args.variant:  # ours again: other settings, or the serving/ of another checkout
         cmd, env, ready = specs["service"]
-        servers[name] = (cmd, {**env, **overrides}, ready)
+        servers[name] = (
+            cmd,
+            {**env, **({"PYTHONPATH": str(folder)} if folder else {}), **overrides},
+            ready,
+            folder or REPO,
+        )
     variant_env = dict(args.variant_env)
     labels = {n: n in LABELS and LABELS[n].format(w=workers) or f"ours, {variant_env[n]}" for n in servers}
     runs: dict[str, dict[str, list[dict]]] = {name: {tool: [] for tool in args.tools} for name in servers}
     with contextlib.ExitStack() as stack:  # all servers up at once: their runs alternate
+        stack.callback(pause, {})  # (last out: every server continued before it is stopped)
         procs: dict[str, tuple[int, subprocess.Popen]] = {}
-        for name, (cmd, env, ready) in servers.items():
+        for name, (cmd, env, ready, cwd) in servers.items():
             port = free_port()
             log = scratch / f"{m.key}_{name}.log"
-            procs[name] = (port, stack.enter_context(server([*cmd, str(port)], env, port, ready, log, timeout=300)))
+            proc = stack.enter_context(server([*cmd, str(port)], env, port, ready, log, timeout=300, cwd=cwd))
+            procs[name] = (port, proc)
         for name, (port, proc) in procs.items():  # first requests are slow (allocations, lazy set-up): not measured
+            pause({n: p for n, (_, p) in procs.items() if n != name})
             run_wrk(port, files_txt, 8, args.warmup)
             cpu0 = tree_cpu_seconds(proc.pid)
             time.sleep(1.0)
@@ -258,6 +286,7 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
             order = list(procs) if rep % 2 == 0 else list(procs)[::-1]
             for name in order:
                 port, _ = procs[name]
+                pause({n: p for n, (_, p) in procs.items() if n != name})
                 for tool in args.tools:
                     if tool == "wrk":
                         r = run_wrk(port, files_txt, args.connections, args.seconds, args.wrk_threads)
@@ -390,8 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME:K=V[,K=V]",
-        help="our service again with these settings (e.g. nobal:SVERTKA_BALANCE=0); repeatable",
+        metavar="NAME[@DIR][:K=V,...]",
+        help="our service again with these settings (nobal:SVERTKA_BALANCE=0) and/or served from the checkout DIR",
     )
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats (default 5; --quick 1)")
     p.add_argument("--connections", type=int, default=32, help="wrk's keep-alive connections")
@@ -425,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         keys = parse_list(args.models, list(SERVE_MODELS), "--models")
         args.servers = parse_list(args.servers, list(LABELS), "--servers")
         args.variant = [parse_variant(v, list(LABELS)) for v in args.variant]
-        if any(folder for _, folder, _ in args.variant):
-            raise BenchError("--variant NAME@DIR: only serve_cpu.py serves other checkouts; give settings here")
-        args.variant_env = [(name, ",".join(f"{k}={v}" for k, v in env.items())) for name, _, env in args.variant]
+        args.variant_env = [
+            (name, ",".join([*([f"@{folder}"] if folder else []), *(f"{k}={v}" for k, v in env.items())]))
+            for name, folder, env in args.variant
+        ]
         if min(args.repeats, args.connections, args.images) < 1 or min(args.seconds, args.python_seconds) <= 0:
             raise BenchError("--repeats, --connections, --images and the run lengths must be positive")
         root = data_root(args.data_root)

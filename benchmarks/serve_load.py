@@ -268,13 +268,13 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
     labels = {n: n in LABELS and LABELS[n].format(w=workers) or f"ours, {variant_env[n]}" for n in servers}
     runs: dict[str, dict[str, list[dict]]] = {name: {tool: [] for tool in args.tools} for name in servers}
     with contextlib.ExitStack() as stack:  # all servers up at once: their runs alternate
-        stack.callback(pause, {})  # (last out: every server continued before it is stopped)
         procs: dict[str, tuple[int, subprocess.Popen]] = {}
         for name, (cmd, env, ready, cwd) in servers.items():
             port = free_port()
             log = scratch / f"{m.key}_{name}.log"
             proc = stack.enter_context(server([*cmd, str(port)], env, port, ready, log, timeout=300, cwd=cwd))
             procs[name] = (port, proc)
+        stack.callback(pause, {})  # first out: every server continued before it is stopped
         for name, (port, proc) in procs.items():  # first requests are slow (allocations, lazy set-up): not measured
             pause({n: p for n, (_, p) in procs.items() if n != name})
             run_wrk(port, files_txt, 8, args.warmup)

@@ -29,7 +29,8 @@ first second counts: a server that serves new connections unevenly shows it in i
 ``--python-clients`` tasks on one shared ``aiohttp.ClientSession`` (``benchmarks/_loadgen.py``, the
 Python user's view; ``0`` skips it). Before the repeats each server gets an unrecorded warm-up.
 Only the server being measured runs: the others are stopped (SIGSTOP) meanwhile, since some use CPU
-while idle (LitServe's inference workers poll their queues: ~0.4 cores). The in-process bound runs
+while idle (LitServe's inference workers poll their queues: ~0.4 cores); before it is paused, a server
+gets as long as its slowest answer took, to finish what the load left in flight. The in-process bound runs
 the forward the service runs (``serving.predictor.Predictor`` as the service builds it): decode +
 preprocess + forward one image at a time and in batches of 32.
 Models: ``simple_cnn`` on Fashion-MNIST 28x28 PNGs (overhead-bound) and ``resnet18`` on UTKFace
@@ -215,6 +216,13 @@ def pause(others: dict[str, subprocess.Popen]) -> None:
     time.sleep(0.2 if others else 0.0)  # continued servers catch up on their timers
 
 
+def settle(r: dict) -> dict:
+    """Wait as long as the run's slowest answer took: requests the load tool left in flight when it stopped
+    are answered before the server is paused (and do not slow its next run). Returns ``r``."""
+    time.sleep(min(r["max_ms"] / 1000, 10.0) if r["max_ms"] == r["max_ms"] else 1.0)  # (nan: no answer)
+    return r
+
+
 def summarize(runs: list[dict]) -> dict:
     """One server's runs with one tool -> medians, min-max of req/s, errors summed, p99/p50 of each run."""
     rates = [r["requests_per_s"] for r in runs]
@@ -277,7 +285,7 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
         stack.callback(pause, {})  # first out: every server continued before it is stopped
         for name, (port, proc) in procs.items():  # first requests are slow (allocations, lazy set-up): not measured
             pause({n: p for n, (_, p) in procs.items() if n != name})
-            run_wrk(port, files_txt, 8, args.warmup)
+            settle(run_wrk(port, files_txt, 8, args.warmup))
             cpu0 = tree_cpu_seconds(proc.pid)
             time.sleep(1.0)
             idle = 1000 * (tree_cpu_seconds(proc.pid) - cpu0)
@@ -292,7 +300,7 @@ def bench_model(m: BenchModel, args: argparse.Namespace, scratch: Path, root: Pa
                         r = run_wrk(port, files_txt, args.connections, args.seconds, args.wrk_threads)
                     else:
                         r = run_python(port, files_txt, args.python_clients, args.python_seconds)
-                    runs[name][tool].append(r)
+                    runs[name][tool].append(settle(r))
                     tail = r["p99_ms"] / r["p50_ms"] if r["p50_ms"] else float("inf")
                     console.print(
                         f"  repeat {rep + 1} {labels[name]:<32} {tool:>6}: {r['requests_per_s']:8.1f} req/s  p50 "

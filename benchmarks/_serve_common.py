@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,12 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import models  # noqa: F401  (registers every architecture)
-from data.preprocess import PreprocessSpec
-from models.bundle import save_bundle
-from models.registry import get_model
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's packages, not an installed (editable) copy of another one
+
+import models  # noqa: E402, F401  (registers every architecture)
+from data.preprocess import PreprocessSpec  # noqa: E402
+from models.bundle import save_bundle  # noqa: E402
+from models.registry import get_model  # noqa: E402
+
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip

@@ -63,7 +63,7 @@ from serving.batch_output import (
     to_table,
     write_outputs,
 )
-from serving.predictor import ImageLoader, Predictor, Prepared
+from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
 class ImageFiles(Dataset):
@@ -276,10 +276,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-faces", type=int, default=None, help="face models: at most this many faces per photo")
     p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the model: onnx (ONNX Runtime over the bundle's model.onnx, CPU), torch, or auto "
+        "(default: onnx on a CPU when the bundle has model.onnx, else torch)",
+    )
+    p.add_argument(
         "--optimize",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on a CPU, run the forward as TorchScript when it matches the model (default); --no-optimize: as it is",
+        help="--runtime torch on a CPU: run the forward as TorchScript when it matches the model (default); "
+        "--no-optimize: as it is",
     )
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
@@ -306,6 +314,8 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise FatalError("--num-gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
     elif str(args.device).startswith("cuda") and not args.num_gpus_per_worker:
         raise FatalError(f"--device {args.device} with --engine ray needs --num-gpus-per-worker (GPUs per actor)")
+    if args.runtime == "onnx" and str(args.device).startswith("cuda"):
+        raise FatalError(f"--runtime onnx runs on the CPU not with --device {args.device}")
     if args.engine == "local" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
     outputs = [(spec, check_output(spec)) for spec in args.output]
@@ -313,6 +323,15 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
     if len(set(paths)) < len(paths):
         raise FatalError(f"--output: the same path is given twice ({', '.join(args.output)})")
     return outputs
+
+
+def runtime_shown(args: argparse.Namespace, predictor: Predictor) -> str:
+    """What ran the model, for the summary line: ``onnx``, ``torch (torchscript)``, ``torch (eager)``."""
+    if args.engine == "ray" and str(args.device).startswith("cuda"):
+        return "torch (Ray GPU actors)"
+    if predictor.runtime == "onnx":
+        return "onnx (ONNX Runtime)"
+    return f"torch ({predictor.forward_mode})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         local = args.engine == "local"
         device = args.device if local else "cpu"  # Ray: the driver only reads the bundle
         try:
-            predictor = Predictor(bundle, device=device, max_pixels=args.max_pixels, optimize=args.optimize and local)
+            optimize = args.optimize and local
+            predictor = Predictor(bundle, device, args.max_pixels, optimize=optimize, runtime=args.runtime)
         except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
@@ -338,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
 
             ray_opts = RayOptions(
-                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.optimize
-            )
+                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.optimize,
+                args.runtime,
+            )  # fmt: skip
             table, rows, bad, faceless = run_ray(
                 predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
                 progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
@@ -373,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown_faceless = f", {faceless} without a face" if predictor.uses_faces else ""
     print(
         f"wrote {rows} rows to {where}: {rows - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
-        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
+        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s); runtime: {runtime_shown(args, predictor)}",
         file=sys.stderr,
     )
     if metrics is not None:

@@ -46,7 +46,7 @@ import torch
 
 from data.imagefile import ImageError
 from data.preprocess import normalize_ops
-from models.bundle import META_FILE, WEIGHTS_FILE
+from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch_decode import decode_files
 from serving.batch_output import (
     FatalError,
@@ -74,23 +74,31 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     optimize: bool = True  # CPU actors: TorchScript forward when it matches the model (Predictor(optimize=))
+    runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
 class Forward:
     """A Ray actor: the bundle's ``Predictor``; a decoded batch -> its output rows."""
 
     def __init__(
-        self, files: list[Any], device: str, max_pixels: int | None, top_k: int, threads: int, optimize: bool = False
+        self,
+        files: list[Any],
+        device: str,
+        max_pixels: int | None,
+        top_k: int,
+        threads: int,
+        optimize: bool = False,
+        runtime: str = "auto",
     ) -> None:
         import ray
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # ONNX Runtime's intra-op threads too (Predictor: they follow torch's)
         files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
         folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize)
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize, runtime=runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
@@ -168,8 +176,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bundle's two files, to ship to the actors through the object store."""
-    return {name: (bundle / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE)}
+    """The bundle's files (weights, metadata, ``model.onnx`` when it has one), to ship to the actors through the
+    object store."""
+    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
+    return {name: (bundle / name).read_bytes() for name in names}
 
 
 def pipeline(
@@ -225,6 +235,7 @@ def pipeline(
                 top_k,
                 threads,
                 opts.optimize,
+                opts.runtime,
             ),
             compute=ray.data.ActorPoolStrategy(size=opts.workers),
             num_cpus=opts.cpus_per_worker,

@@ -302,10 +302,12 @@ class Svertka:
         for configured, ref in self.bento_models.items():
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
-            pred = Predictor(stored.path, SETTINGS.device, SETTINGS.max_pixels, optimize=SETTINGS.optimize)
-            pred.warm_up(SETTINGS.max_batch_size)
-            self.predictors[full] = pred
             s = SETTINGS
+            pred = Predictor(stored.path, s.device, s.max_pixels, optimize=s.optimize, runtime=s.runtime)
+            pred.warm_up(SETTINGS.max_batch_size)
+            if pred.onnx is not None:  # ONNX Runtime: a session per thread count; the lone requests' one now too
+                pred.onnx.session(s.solo_threads)
+            self.predictors[full] = pred
             forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
             self.batchers[full] = Batcher(
                 forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _load
@@ -313,6 +315,7 @@ class Svertka:
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
+            info["runtime"] = pred.runtime  # "onnx" (ONNX Runtime over model.onnx) or "torch"
             info["forward"] = pred.forward_mode
             info["input"]["max_body_bytes"] = SETTINGS.max_body_bytes
             self.models_info.append(info)

@@ -171,7 +171,7 @@ def test_save_over_an_existing_bundle_replaces_it_whole(bundle: Path) -> None:
     (bundle / "stale.txt").write_text("from an older export")
     net, kwargs = _trained_like("simple_cnn")
     _save(bundle, "simple_cnn", net, kwargs)
-    assert sorted(p.name for p in bundle.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in bundle.iterdir()) == [META_FILE, "model.onnx", WEIGHTS_FILE]
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # no temp or old folders left
     loaded, meta = load_bundle(bundle)
     assert meta.architecture["name"] == "simple_cnn"

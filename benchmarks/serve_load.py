@@ -113,7 +113,7 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
     from serving.settings import Settings
 
     s = Settings.from_env({k: v for k, v in os.environ.items() if k != "SVERTKA_MODELS"})
-    pred = Predictor(bundle, "cpu", s.max_pixels, optimize=s.optimize)
+    pred = Predictor(bundle, "cpu", s.max_pixels, optimize=s.optimize, runtime=s.runtime)
     datas = [f.read_bytes() for f in files]
 
     def rate(step: int, fn) -> float:

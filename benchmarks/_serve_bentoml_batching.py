@@ -8,7 +8,7 @@
 argument (BentoML 1.4 raises "Batch inference function only accept one argument" otherwise), so
 this variant has no ``top_k``/``model`` fields: it measures the library's batching on the same
 decode, preprocessing and forward as the service, not a drop-in replacement for ``/classify``.
-Workers, torch threads and the forward (``SVERTKA_RUNTIME``, ``SVERTKA_OPTIMIZE``) as the service's settings.
+Workers, torch threads and the forward (``SVERTKA_RUNTIME``) as the service's settings.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class BentoBatching:
     def __init__(self) -> None:
         torch.set_num_threads(SETTINGS.torch_threads)
         bundle = os.environ["SVERTKA_BENCH_BUNDLE"]
-        self.pred = Predictor(bundle, "cpu", SETTINGS.max_pixels, optimize=SETTINGS.optimize, runtime=SETTINGS.runtime)
+        self.pred = Predictor(bundle, "cpu", SETTINGS.max_pixels, runtime=SETTINGS.runtime)
 
     @bentoml.api(route="/classify", batchable=True, max_batch_size=32, max_latency_ms=1000)
     def classify(self, image: list[Path]) -> list[dict]:

@@ -113,7 +113,7 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
     from serving.settings import Settings
 
     s = Settings.from_env({k: v for k, v in os.environ.items() if k != "SVERTKA_MODELS"})
-    pred = Predictor(bundle, "cpu", s.max_pixels, optimize=s.optimize, runtime=s.runtime)
+    pred = Predictor(bundle, "cpu", s.max_pixels, runtime=s.runtime)
     datas = [f.read_bytes() for f in files]
 
     def rate(step: int, fn) -> float:
@@ -130,7 +130,7 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
 
     single = rate(1, lambda i: pred.predict_tensors(load(i)[None]))
     batched = rate(batch_size, lambda i: pred.predict_tensors(torch.stack([load(i + j) for j in range(batch_size)])))
-    return {"single_images_per_s": single, "batched_images_per_s": batched, "forward": pred.forward_mode}
+    return {"single_images_per_s": single, "batched_images_per_s": batched, "forward": pred.runtime}
 
 
 def run_wrk(port: int, files_txt: Path, connections: int, seconds: float, threads: int = 1) -> dict:

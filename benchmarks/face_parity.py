@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.faces import UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming  # noqa: E402
 from data.preprocess import load_image  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
-from models.faces import UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming  # noqa: E402
 from serving.predictor import Predictor  # noqa: E402
 
 BACKGROUNDS = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field", "horse", "coins", "moon")

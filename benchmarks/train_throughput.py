@@ -1,21 +1,28 @@
-"""Training throughput: a plain PyTorch loop vs ``python -m training fit``, same model and batch size.
+"""Training throughput: ``python -m training fit`` against a ceiling that trains the same run bare.
 
     DATASETS_DIR=../shared/datasets python benchmarks/train_throughput.py [--config configs/fashion_mnist_cnn.yaml]
     DATASETS_DIR=... python benchmarks/train_throughput.py --batch_size 16 --no_augment --repeats 3
-    DATASETS_DIR=... python benchmarks/train_throughput.py --accelerator gpu [--precision bf16-mixed]
+    DATASETS_DIR=... python benchmarks/train_throughput.py --accelerator gpu [--precision bf16-mixed] [--compile]
 
-In one run, on Fashion-MNIST's training images:
-  (a) a plain PyTorch loop over pre-loaded, pre-normalized tensors (shuffled index, forward,
-      cross-entropy, backward, Adam step): the upper bound of what any trainer can do;
-  (b) ``python -m training fit`` with the same config (model, batch size, optimizer), without
-      and with augmentation, timed by a callback from the first to the last training batch of
-      its last epoch (process start-up, data loading and validation are not counted).
-Each run does ``--epochs`` epochs of ``--batches`` batches and reports the last epoch's
-images/s (the first one warms up). With ``--accelerator gpu`` both run on the GPU: the plain
-loop with the whole set resident on the device (bf16 autocast with ``--precision bf16-mixed``),
-the fit as ``--trainer.accelerator gpu``. It prints the ratios b/a against the targets of issue
-#10 (CPU: >= 0.95 without augmentation at batch 64, >= 0.9 at batch 16, >= 0.85 with it;
-GPU: >= 0.9 without, >= 0.8 with).
+In one run, on Fashion-MNIST's training images, each in a fresh process with the same options:
+  (a) the ceiling, ``benchmarks/_ceiling.py``: the run the fit would train (same config, seed,
+      threads, network, optimizer and its settings, precision, device), on batches taken from the
+      fit's own loader beforehand and already on the device, in the memory format and dtype the
+      network sees; then a bare loop of zero grad, forward, loss, backward, optimizer step. No
+      DataLoader, no Lightning, no logging: only work every fit must do, so no fit can be faster;
+  (b) ``python -m training fit`` with the same config, without and with augmentation (the
+      augmentation is work the fit does on top of the ceiling's).
+Both time the last epoch from the end of its ``--warmup``-th batch to the end of its last batch
+(``_timing.EpochTimer`` in the fit; process start-up, data set loading and validation are not
+counted), each epoch being ``--warmup`` + ``--batches`` batches. The runs alternate (a, b, b
+with augmentation, a, b, ...) ``--repeats`` times; the table gives medians, the spread of each
+run's repeats as min-max and as a percentage of the median, and the fit/ceiling ratio per repeat.
+Targets (issue #25): fit/ceiling >= 0.9 without augmentation and >= 0.8 with it. ``--channels_last``,
+``--compile`` and ``--precision`` go to every run (the ceiling trains through the same
+``channels_last`` / ``torch.compile`` network and the fit's precision plugin); ``--fit_args`` to
+the fits only, to try a setting against an unchanged ceiling.
+``--old_loop`` adds the loop this benchmark used before issue #25 (in the benchmark's own process,
+a shuffled index into pre-normalized tensors, torch's default settings), which the fit could beat.
 """
 
 from __future__ import annotations
@@ -39,24 +46,40 @@ from data.mnist import find_raw_file, read_idx  # noqa: E402
 from models import get_model  # noqa: E402
 
 AUGMENT = "{hflip: 0.5, shift: 0.1, scale: 0.1, rotate: 10, random_crop_padding: 2, coarse_dropout: 0.5}"
+TARGETS = {"fit": 0.9, "fit_aug": 0.8}
 
 
-def plain_loop(
-    cfg: dict, root: Path, batches: int, epochs: int, threads: int | None, device: str = "cpu", bf16: bool = False
-) -> float:
-    """Images/s of the last epoch of a plain loop over pre-loaded tensors (on ``device``)."""
-    if threads:
-        torch.set_num_threads(threads)
+def run_timed(kind: str, args: list[str], warmup: int) -> float:
+    """Images/s of the last epoch of the ceiling (``kind="ceiling"``) or of ``python -m training fit``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "epochs.json"
+        entry = [str(ROOT / "benchmarks" / "_ceiling.py")] if kind == "ceiling" else ["-m", "training", "fit"]
+        timer = [] if kind == "ceiling" else ["--trainer.callbacks+=_timing.EpochTimer"]
+        env = {
+            **os.environ,
+            "SVERTKA_BENCH_OUT": str(out),
+            "SVERTKA_BENCH_WARMUP": str(warmup),
+            "SVERTKA_OUTPUT_DIR": tmp,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.run(
+            [sys.executable, *entry, *args, *timer], cwd=ROOT, env=env, capture_output=True, text=True
+        )  # noqa: S603
+        if proc.returncode != 0 or not out.exists():
+            sys.exit(f"error: the {kind} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())[-1]["images_per_s"]
+
+
+def old_loop(cfg: dict, root: Path, batches: int, epochs: int, device: str, bf16: bool) -> float:
+    """The loop of this benchmark before issue #25, kept for comparison (see the module docstring)."""
     dev = torch.device(device)
     raw = root / "FashionMNIST" / "raw"
     images = read_idx(find_raw_file(raw, "train-images-idx3-ubyte"))  # plain or .gz
-    labels = torch.as_tensor(read_idx(find_raw_file(raw, "train-labels-idx1-ubyte")).astype("int64"))
+    labels = torch.as_tensor(read_idx(find_raw_file(raw, "train-labels-idx1-ubyte")).astype("int64")).to(dev)
     init = cfg["model"]["init_args"]
-    data_args = cfg["data"].get("init_args", {})
-    batch_size = int(cfg.get("_batch_size") or data_args.get("batch_size", 128))
+    batch_size = int(cfg["_batch_size"])
     mean, std = 0.2860, 0.3530  # Fashion-MNIST's train mean/std, as a plain user would hard-code
     x = (torch.as_tensor(images).float().div(255.0).sub(mean).div(std)).unsqueeze(1).to(dev)  # (N, 1, 28, 28)
-    labels = labels.to(dev)
     torch.manual_seed(0)
     net = get_model(init["net"], in_channels=1, num_outputs=10, **(init.get("net_kwargs") or {})).to(dev)
     net.train()
@@ -83,97 +106,107 @@ def plain_loop(
     return rate
 
 
-def lightning_fit(
-    config: Path, root: Path, batches: int, epochs: int, augment: bool, threads: int | None, extra: tuple = ()
-) -> float:
-    """Images/s of the last training epoch of ``python -m training fit``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "epochs.json"
-        cmd = [
-            sys.executable, "-m", "training", "fit", "-c", str(config),
-            "--data.root", str(root),
-            f"--trainer.max_epochs={epochs}",
-            f"--trainer.limit_train_batches={batches}",
-            "--trainer.limit_val_batches=2",
-            "--trainer.callbacks+=_timing.EpochTimer",
-            "--early_stopping_patience=null",
-            "--test_after_fit=false",
-            "--export=false",
-        ]  # fmt: skip
-        if threads:
-            cmd.append(f"--num_threads={threads}")
-        if augment:
-            cmd.append(f"--data.init_args.augment={AUGMENT}")
-        cmd += list(extra)
-        env = {
-            **os.environ,
-            "SVERTKA_BENCH_OUT": str(out),
-            "SVERTKA_OUTPUT_DIR": tmp,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: S603
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"error: training fit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())[-1]["images_per_s"]
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "fashion_mnist_cnn.yaml")
     p.add_argument("--root", type=Path, default=os.environ.get("DATASETS_DIR"), help="data root ($DATASETS_DIR)")
-    p.add_argument("--batches", type=int, default=300, help="training batches per epoch")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per run (the last one is timed)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the runs this many times, report medians")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
-    p.add_argument("--batch_size", type=int, default=None, help="override the config's batch size (both runs)")
-    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where both run")
-    p.add_argument("--precision", default=None, help="e.g. bf16-mixed (plain loop: bf16 autocast)")
-    p.add_argument("--no_augment", action="store_true", help="skip the run with augmentation")
+    p.add_argument("--batches", type=int, default=600, help="timed training batches per epoch")
+    p.add_argument("--warmup", type=int, default=30, help="untimed batches at the start of each epoch")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run (the last one is timed)")
+    p.add_argument("--repeats", type=int, default=3, help="alternate the runs this many times, report medians")
+    p.add_argument("--threads", type=int, default=None, help="--num_threads for every run (default: torch's)")
+    p.add_argument("--batch_size", type=int, default=None, help="override the config's batch size (every run)")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where every run trains")
+    p.add_argument("--precision", default=None, help="--trainer.precision for every run, e.g. bf16-mixed")
+    p.add_argument("--channels_last", action="store_true", help="--model.init_args.channels_last true for every run")
+    p.add_argument("--compile", action="store_true", help="--model.init_args.compile_net true for every run")
+    p.add_argument("--no_augment", action="store_true", help="skip the fit with augmentation")
+    p.add_argument("--old_loop", action="store_true", help="add the pre-#25 plain loop as a line of its own")
+    p.add_argument("--fit_args", default="", help="extra options for the fits only (space-separated)")
     args = p.parse_args()
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         sys.exit("error: --accelerator gpu: no CUDA device here")
     if args.root is None or not (Path(args.root) / "FashionMNIST" / "raw").is_dir():
         sys.exit("error: --root / DATASETS_DIR must hold FashionMNIST/raw (the real Fashion-MNIST)")
+    if args.batches < 1 or args.warmup < 0 or args.epochs < 1 or args.repeats < 1:
+        sys.exit("error: --batches, --epochs and --repeats must be >= 1, --warmup >= 0")
     cfg = yaml.safe_load(args.config.read_text())
-    cfg["_batch_size"] = args.batch_size
-    bs = args.batch_size or cfg["data"].get("init_args", {}).get("batch_size")
-    extra = [f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
-    extra += [f"--data.init_args.batch_size={bs}"] if args.batch_size else []
-    extra += [f"--trainer.precision={args.precision}"] if args.precision else []
+    bs = args.batch_size or cfg["data"].get("init_args", {}).get("batch_size", 128)
+    cfg["_batch_size"] = bs
+    common = [
+        "-c", str(args.config),
+        "--data.root", str(args.root),
+        f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.limit_train_batches={args.warmup + args.batches}",
+        "--trainer.limit_val_batches=2",
+        "--early_stopping_patience=null",
+        "--test_after_fit=false",
+        "--export=false",
+        f"--trainer.accelerator={args.accelerator}",
+        "--trainer.devices=1",
+    ]  # fmt: skip
+    common += [f"--num_threads={args.threads}"] if args.threads else []
+    common += [f"--data.init_args.batch_size={bs}"] if args.batch_size else []
+    common += [f"--trainer.precision={args.precision}"] if args.precision else []
+    common += ["--model.init_args.channels_last=true"] if args.channels_last else []
+    common += ["--model.init_args.compile_net=true"] if args.compile else []
+    fit_args = common + args.fit_args.split()
+    net = cfg["model"]["init_args"]["net"]
+    threads = args.threads or torch.get_num_threads()
+    print(f"config {args.config.name}: net={net} batch_size={bs}, {args.warmup} + {args.batches} batches an epoch")
+    flags = "".join(f" {f}" for f, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    print(f"accelerator={args.accelerator} precision={args.precision or '32-true'}{flags} torch threads={threads}")
+    print(f"{args.epochs} epoch(s), the last timed after its first {args.warmup} batches; {args.repeats} repeats")
+    if args.fit_args:
+        print(f"fit only: {args.fit_args}")
+
+    runs: dict[str, list[float]] = {"ceiling": [], "fit": []}
+    if not args.no_augment:
+        runs["fit_aug"] = []
+    if args.old_loop:
+        runs["old_loop"] = []
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     bf16 = bool(args.precision and args.precision.startswith("bf16"))
-    net = cfg["model"]["init_args"]["net"]
-    print(f"config {args.config.name}: net={net} batch_size={bs}, {args.epochs} epochs x {args.batches} batches")
-    print(f"accelerator={args.accelerator} precision={args.precision or '32-true'}")
-    print(f"last epoch timed; torch threads={args.threads or torch.get_num_threads()}; repeats={args.repeats}")
+    for r in range(args.repeats):  # alternating: ceiling, fit, fit_aug, old loop, ceiling, ...
+        runs["ceiling"].append(run_timed("ceiling", common, args.warmup))
+        runs["fit"].append(run_timed("fit", fit_args, args.warmup))
+        if "fit_aug" in runs:
+            runs["fit_aug"].append(run_timed("fit", [*fit_args, f"--data.init_args.augment={AUGMENT}"], args.warmup))
+        if "old_loop" in runs:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            total = args.warmup + args.batches
+            runs["old_loop"].append(old_loop(cfg, Path(args.root), total, max(args.epochs, 2), device, bf16))
+        print(f"  repeat {r + 1}: " + ", ".join(f"{k}={v[-1]:.0f}" for k, v in runs.items()) + " images/s", flush=True)
 
-    root = Path(args.root)
-    runs: dict[str, list[float]] = {"a": [], "b": []} if args.no_augment else {"a": [], "b": [], "b_aug": []}
-    for r in range(args.repeats):  # alternating: a, b, b_aug, a, b, b_aug, ...
-        runs["a"].append(plain_loop(cfg, root, args.batches, args.epochs, args.threads, device, bf16))
-        runs["b"].append(lightning_fit(args.config, root, args.batches, args.epochs, False, args.threads, extra))
-        if "b_aug" in runs:
-            runs["b_aug"].append(lightning_fit(args.config, root, args.batches, args.epochs, True, args.threads, extra))
-        print(f"  repeat {r + 1}: " + ", ".join(f"{k}={v[-1]:.0f} img/s" for k, v in runs.items()), flush=True)
-
-    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+    names = {
+        "ceiling": "(a) ceiling: bare loop, pre-made batches",
+        "fit": "(b) python -m training fit, no augmentation",
+        "fit_aug": "(b) python -m training fit, augmentation",
+        "old_loop": "(a') the old plain loop (before #25)",
+    }
+    ceiling = runs["ceiling"]
     print()
-    gpu = args.accelerator == "gpu"
-    target_plain = ">=0.9" if gpu or (bs or 0) < 64 else ">=0.95"
-    target_aug = ">=0.8" if gpu else ">=0.85"
-
-    def row(name: str, key: str, target: str = "") -> None:
-        vals = runs[key]
+    head = f"{'run':<46}{'images/s':>9}{'spread':>13}{'spread %':>9}{'ratio':>7}{'ratios':>12}{'target':>8}"
+    print(head + "   per-repeat ratio")
+    for key, vals in runs.items():
+        med = median(vals)
         spread = f"{min(vals):.0f}-{max(vals):.0f}"
-        ratio = f"{med[key] / med['a']:.2f}" if key != "a" else ""
-        ratios = " ".join(f"{v / a:.2f}" for v, a in zip(vals, runs["a"], strict=True)) if key != "a" else ""
-        print(f"{name:<48}{med[key]:>10.0f}{spread:>14}{ratio:>8}{target:>8}   {ratios}")
-
-    print(f"{'run':<48}{'images/s':>10}{'spread':>14}{'b/a':>8}{'target':>8}   per-repeat b/a")
-    row("(a) plain PyTorch loop, pre-loaded tensors", "a")
-    row("(b) python -m training fit, no augmentation", "b", target_plain)
-    if "b_aug" in runs:
-        row("(b) python -m training fit, augmentation", "b_aug", target_aug)
+        pct = f"{100 * (max(vals) - min(vals)) / med:.0f}%"
+        line = f"{names[key]:<46}{med:>9.0f}{spread:>13}{pct:>9}"
+        if key != "ceiling":
+            ratios = [v / c for v, c in zip(vals, ceiling, strict=True)]
+            target = f">={TARGETS[key]}" if key in TARGETS else ""
+            rr = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            line += f"{med / median(ceiling):>7.2f}{rr:>12}{target:>8}   " + " ".join(f"{q:.2f}" for q in ratios)
+        print(line)
+    print("ratio: median of the run / median of the ceiling; ratios: min-max of the per-repeat ratios")
+    if "fit_aug" in runs:
         print(f"augmentation: {AUGMENT}")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
-from data.preprocess import ImageError, PreprocessSpec, load_image, resize_ops
+from data.imagefile import load_image, read_or_error
+from data.preprocess import PreprocessSpec, resize_ops
 
 _resize: A.Compose | None = None
 _spec: PreprocessSpec | None = None
@@ -21,11 +22,8 @@ def init_worker(spec: PreprocessSpec) -> None:
 
 def decode(path: str) -> tuple[np.ndarray | None, str | None]:
     """One file -> (uint8 (h, w, C) at input size, None) or (None, error message)."""
-    try:
-        img = load_image(path, channels=_spec.channels)
-    except ImageError as e:
-        return None, str(e)
-    except OSError as e:
-        return None, f"cannot read ({e})"
+    img, err = read_or_error(load_image, path, channels=_spec.channels)
+    if img is None:
+        return None, err
     out = _resize(image=img)["image"]
     return out.reshape(*_spec.input_size, _spec.channels), None

@@ -25,8 +25,8 @@ from data.base import (
     warn_once,
 )
 from data.cache import decode_cached
+from data.faces import UTKFACE_POINTS, FaceFraming
 from data.imagefile import IMAGE_SUFFIXES
-from models.faces import UTKFACE_POINTS, FaceFraming
 
 SPLITS = ("train", "val", "test")
 
@@ -57,7 +57,7 @@ class FileDataModule(ImageDataModule):
         test_fraction: Share held out as the test split when the files name no split.
         on_bad_image: ``skip`` unreadable files with one warning, or stop at the first (``error``).
         align_faces: The files are photos: align each one's largest face once into a cached chip.
-        faces: The face framing (``models.faces.FaceFraming`` as a dict) of the chips; set by the data set.
+        faces: The face framing (``data.faces.FaceFraming`` as a dict) of the chips; set by the data set.
         **kwargs: ``ImageDataModule``'s arguments.
     """
 
@@ -92,7 +92,7 @@ class FileDataModule(ImageDataModule):
 
     def _aligned(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` with each photo replaced by its largest face's chip; photos without one left out."""
-        from data.faces import align_files
+        from data.face_chips import align_files
 
         assert self.faces is not None
         chips, errors = align_files(list(table["path"]), self.faces, cache_dir=self.cache_dir, data_root=self.root)
@@ -230,7 +230,7 @@ class CSVDataModule(FileDataModule):
     Paths are relative to the CSV's folder (or absolute). An optional ``split`` column holds
     train/val/test. Classification class names: ``class_names`` if given, else the sorted labels.
     ``align_faces: true``: the files are photos; each one's largest face is aligned once into a
-    cached chip (``data.faces``; photos without a face are left out with a warning) and the bundle
+    cached chip (``data.face_chips``; photos without a face are left out with a warning) and the bundle
     records the framing (``face_size``; UTKFace's landmark places, or dlib's template with
     ``face_padding`` when it is set), so serving detects and aligns the same way.
     YAML: ``class_path: data.folder.CSVDataModule``, ``init_args: {csv: faces.csv, target_column: age}``

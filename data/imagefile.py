@@ -6,10 +6,13 @@ in ``serving.batch_ray``) import this module and start without torch.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -157,3 +160,26 @@ def load_image(
     finally:
         if img is not src:
             img.close()  # the file handle of a path, at once
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (bundle weights and graphs, the landmark model)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+T = TypeVar("T")
+
+
+def read_or_error(read: Callable[..., T], *args: object, **kwargs: object) -> tuple[T | None, str | None]:
+    """``read(*args, **kwargs)`` -> ``(its result, None)``, or ``(None, why)`` when the file is not a usable
+    image or cannot be read: the one set of messages for a bad file, in training and in both batch engines."""
+    try:
+        return read(*args, **kwargs), None
+    except ImageError as e:
+        return None, str(e)
+    except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
+        return None, f"cannot read file ({e.strerror or e})"

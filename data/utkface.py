@@ -75,9 +75,9 @@ class UTKFaceDataModule(FileDataModule):
 
     ``root`` holds ``UTKFace/`` (or is that folder). y is the age in years (float). UTKFace's files
     are dlib-aligned 200x200 chips; the bundle records their framing (the 5 landmarks' measured
-    places, ``models.faces.UTKFACE_POINTS``; or dlib's template with ``face_padding`` when it is
+    places, ``data.faces.UTKFACE_POINTS``; or dlib's template with ``face_padding`` when it is
     set), so serving detects and aligns faces the same way. Photos named the same way but
-    not aligned (your own): ``align_faces: true`` aligns each once into the cache (``data.faces``).
+    not aligned (your own): ``align_faces: true`` aligns each once into the cache (``data.face_chips``).
     YAML: ``class_path: data.utkface.UTKFaceDataModule``, ``init_args: {input_size: 64, batch_size: 128}``
 
     Args:

@@ -1,4 +1,4 @@
-"""Self-describing model bundles: a folder with ``model.safetensors`` and ``bundle.json``.
+"""Self-describing model bundles: a folder with ``model.safetensors``, ``model.onnx`` and ``bundle.json``.
 
     >>> from models.bundle import load_bundle
     >>> net, meta = load_bundle("artifacts/quickstart")   # eval-mode nn.Module + BundleMeta
@@ -7,7 +7,13 @@
 ``bundle.json`` holds everything needed to use the weights: the task, the architecture
 (registry name + arguments), class names or the regression target and its range, the eval
 preprocessing, recorded metrics, the training config, library versions and the sha256 of
-the weights. Loading imports no Lightning and never unpickles (safetensors only).
+the weights and of ``model.onnx``. Loading imports no Lightning and never unpickles (safetensors only).
+
+``model.onnx`` (``models.onnx_graph``) is the same network with the bundle's decoding and test-time
+augmentation inside: preprocessed ``(B, C, H, W)`` float32 in, probabilities ``(B, N)`` or values
+``(B,)`` out, for ONNX Runtime or any other ONNX runtime. ``save_bundle`` writes it after checking
+it against the torch module; ``add_onnx`` adds it to an older bundle. It is read only from inside
+the bundle folder and only after its sha256 matches ``bundle.json`` (``read_onnx``).
 
 A bundle loads nothing from outside its folder: the architecture arguments must be ones the
 registry's builder names in its signature, ``weights`` is refused (the weights are
@@ -16,6 +22,7 @@ registry's builder names in its signature, ``weights`` is refused (the weights a
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -33,9 +40,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from data.imagefile import sha256_file
 from data.preprocess import PreprocessSpec
-from models.faces import sha256_file
 from models.heads import check_tta
+from models.onnx_graph import ONNX_FILE, OnnxMismatch, export_onnx
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -113,6 +121,7 @@ class BundleMeta:
     augmentation: dict[str, Any] | None = None  # the training augmentation (A.to_dict), never used at inference
     versions: dict[str, str] = field(default_factory=dict)
     weights_sha256: str = ""
+    onnx: dict[str, Any] | None = None  # {"sha256", "opset", "input", "output", ...}: model.onnx; None: none
     created: str = ""
     format_version: int = FORMAT_VERSION
     path: Path | None = None
@@ -144,19 +153,20 @@ class BundleMeta:
             "augmentation": self.augmentation,
             "versions": self.versions,
             "weights_sha256": self.weights_sha256,
+            "onnx": self.onnx,
             "created": self.created,
         }
 
 
 def _check_faces(faces: Any) -> dict[str, Any] | None:
-    """A ``faces`` entry normalized (``models.faces.FaceFraming``), or None; ``BundleError`` if invalid.
+    """A ``faces`` entry normalized (``data.faces.FaceFraming``), or None; ``BundleError`` if invalid.
 
     A bundle with the entry expects aligned face chips framed that way: serving detects and aligns
     faces before the model. A bundle without it (older ones, non-face models) gets the whole image.
     """
     if faces is None or faces is False:
         return None
-    from models.faces import FaceFraming
+    from data.faces import FaceFraming
 
     if not isinstance(faces, dict):
         raise BundleError(f"'faces' must be an object like {{'size': 200, 'padding': 0.25}}, got {faces!r}")
@@ -164,6 +174,31 @@ def _check_faces(faces: Any) -> dict[str, Any] | None:
         return FaceFraming.from_dict(faces).to_dict()
     except (TypeError, ValueError) as e:
         raise BundleError(f"invalid 'faces' entry: {e}") from None
+
+
+def _check_onnx(entry: Any) -> dict[str, Any] | None:
+    """The ``onnx`` entry of ``bundle.json`` (None: the bundle has no ``model.onnx``); ``BundleError`` if invalid.
+
+    The graph is always ``model.onnx`` inside the bundle: nothing in the entry names a file to load.
+    """
+    if entry is None:
+        return None
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise BundleError(f"'onnx' must be an object with the sha256 of {ONNX_FILE}, got {str(entry)[:80]!r}")
+    if not all(isinstance(entry.get(k, ""), str) for k in ("input", "output")):
+        raise BundleError("'onnx': 'input' and 'output' must be tensor names")
+    return dict(entry)
+
+
+def _export(
+    net: nn.Module, out: Path, task: str, bins: list[float] | None, tta: list[str], shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """``models.onnx_graph.export_onnx``, its refusal as a ``BundleError``."""
+    try:
+        return export_onnx(net, out, task=task, bins=bins, tta=tta, input_shape=shape)
+    except OnnxMismatch as e:
+        raise BundleError(f"{e}: bundle not written") from None
 
 
 def _versions() -> dict[str, str]:
@@ -222,6 +257,9 @@ def save_bundle(
         if hasattr(model, "_orig_mod"):  # torch.compile wrapper
             state_model = model._orig_mod
         save_model(state_model, str(tmp / WEIGHTS_FILE))
+        spec_shape = (preprocess.channels, *preprocess.input_size)
+        bins = (target or {}).get("bins") if task == "regression" else None
+        onnx = _export(state_model, tmp / ONNX_FILE, task, bins, tta, spec_shape)
         meta = BundleMeta(
             task=task,
             architecture={"name": architecture, "kwargs": kwargs},
@@ -235,6 +273,7 @@ def save_bundle(
             augmentation=_jsonable(augmentation) if augmentation else None,
             versions=_versions(),
             weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+            onnx=onnx,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
@@ -285,6 +324,7 @@ def read_meta(path: str | Path) -> BundleMeta:
             augmentation=raw.get("augmentation"),
             versions=raw.get("versions") or {},
             weights_sha256=raw["weights_sha256"],
+            onnx=_check_onnx(raw.get("onnx")),
             created=raw.get("created", ""),
             path=path,
         )
@@ -310,16 +350,19 @@ def read_meta(path: str | Path) -> BundleMeta:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, BundleMeta]:
-    """Rebuild the eval-mode module and its metadata from a bundle folder; ``BundleError`` if unusable."""
+    """Rebuild the eval-mode module and its metadata from a bundle folder; ``BundleError`` if unusable
+    (any of its files missing, or differing from the sha256 that ``bundle.json`` holds)."""
+    return _load_module(path, device, check_onnx=True)
+
+
+def _load_module(path: str | Path, device: str | torch.device, check_onnx: bool) -> tuple[nn.Module, BundleMeta]:
     import models  # noqa: F401  (registers every architecture)
     from models.registry import get_model
 
     meta = read_meta(path)
-    weights = Path(path) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{path}: not a bundle ({WEIGHTS_FILE} is missing)")
-    if sha256_file(weights) != meta.weights_sha256:
-        raise BundleError(f"{weights}: sha256 does not match bundle.json (corrupt or truncated weights)")
+    weights = check_weights(path, meta)
+    if meta.onnx and check_onnx:
+        read_onnx(path, meta)  # a tampered model.onnx makes the whole bundle unusable, whichever runtime runs it
     name, kwargs = meta.architecture["name"], meta.architecture["kwargs"]
     try:
         model = get_model(name, **kwargs)
@@ -331,3 +374,51 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[n
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BundleError(f"{weights}: weights do not match architecture {name!r}: {msg}") from None
     return model.to(device).eval(), meta
+
+
+def check_weights(path: str | Path, meta: BundleMeta) -> Path:
+    """The bundle's weights file, after checking it against the sha256 in ``bundle.json``; ``BundleError`` if not."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{path}: not a bundle ({WEIGHTS_FILE} is missing)")
+    if sha256_file(weights) != meta.weights_sha256:
+        raise BundleError(f"{weights}: sha256 does not match bundle.json (corrupt or truncated weights)")
+    return weights
+
+
+def read_onnx(path: str | Path, meta: BundleMeta | None = None) -> bytes:
+    """The bytes of the bundle's ``model.onnx``, checked against its sha256 in ``bundle.json``; ``BundleError`` if
+    the bundle has none, or it is missing or differs. Hashes the very bytes it returns (no second read)."""
+    meta = meta or read_meta(path)
+    file = Path(path) / ONNX_FILE
+    if not meta.onnx:
+        raise BundleError(
+            f"{path}: the bundle has no {ONNX_FILE} (add it with `python -m training.export --bundle {path} --onnx`)"
+        )
+    if not file.is_file():
+        raise BundleError(f"{path}: {ONNX_FILE} is missing (bundle.json lists it)")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.onnx["sha256"]:
+        raise BundleError(f"{file}: sha256 does not match bundle.json (tampered, corrupt or truncated graph)")
+    return data
+
+
+def add_onnx(path: str | Path) -> BundleMeta:
+    """Write ``model.onnx`` into the existing bundle at ``path`` (replacing one that is there) and list it in
+    ``bundle.json``; ``BundleError`` when the bundle does not load or the graph differs from the module."""
+    path = Path(path)
+    net, meta = _load_module(path, "cpu", check_onnx=False)  # the graph there, if any, is about to be replaced
+    shape = (meta.preprocess.channels, *meta.preprocess.input_size)
+    tmp_onnx = path / f".{ONNX_FILE}.tmp-{os.getpid()}"
+    tmp_meta = path / f".{META_FILE}.tmp-{os.getpid()}"
+    try:
+        meta.onnx = _export(net, tmp_onnx, meta.task, meta.bins, meta.tta, shape)
+        raw = json.loads((path / META_FILE).read_text())
+        raw["onnx"] = meta.onnx
+        tmp_meta.write_text(json.dumps(raw, indent=2) + "\n")
+        os.replace(tmp_onnx, path / ONNX_FILE)  # an unlisted model.onnx is never read: this order is safe
+        os.replace(tmp_meta, path / META_FILE)
+    finally:
+        tmp_onnx.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+    return meta

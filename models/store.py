@@ -5,9 +5,9 @@
     >>> bundle_dir_for_tag("quickstart:latest")                             # a folder load_bundle reads
 
 The store lives under ``$BENTOML_HOME`` (default ``~/bentoml``). The BentoML model holds the
-bundle's two files unchanged, and its metadata repeats the task, architecture, class names or
-target and metrics so that ``bentoml models get TAG`` shows them. ``bentoml`` is imported inside
-the functions: importing ``models`` stays light.
+bundle's files unchanged (``model.safetensors``, ``model.onnx``, ``bundle.json``), and its metadata
+repeats the task, architecture, class names or target and metrics so that ``bentoml models get TAG``
+shows them. ``bentoml`` is imported inside the functions: importing ``models`` stays light.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from models.bundle import META_FILE, WEIGHTS_FILE, BundleError, read_meta
+from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE, BundleError, read_meta
 
 
 def save_bundle_to_bentoml(bundle_dir: str | Path, name: str, labels: dict[str, str] | None = None) -> str:
@@ -34,13 +34,14 @@ def save_bundle_to_bentoml(bundle_dir: str | Path, name: str, labels: dict[str, 
         "metrics": meta.metrics,
         "input": meta.preprocess.to_dict(),
         "weights_sha256": meta.weights_sha256,
+        "onnx_sha256": (meta.onnx or {}).get("sha256", ""),
     }
     labels = {"framework": "pytorch", "format": "svertka-bundle", "task": meta.task, **(labels or {})}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        for file in (WEIGHTS_FILE, META_FILE):
+        for file in (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if meta.onnx else ()):
             shutil.copy2(Path(bundle_dir) / file, Path(model.path) / file)
         if meta.faces:  # a face model: keep the landmark model with it, so `bentoml build` packs it too
-            from models.faces import LANDMARKS_FILE, FaceStageError, landmarks_path
+            from data.faces import LANDMARKS_FILE, FaceStageError, landmarks_path
 
             # not here: serving then looks in the cache, and says so if it is missing there too
             with contextlib.suppress(FaceStageError):

@@ -13,7 +13,8 @@ A face model (an age bundle with a ``faces`` entry) gives one row per face found
 box_x0, box_y0, box_x1, box_y1, face_score, age, error`` (largest face first; a photo without a
 face gets one row with ``error`` = "no face found"); ``--no-detect`` takes each file as an
 aligned chip (one row per file, the box is the whole image), ``--max-faces N`` keeps the N largest.
-Every engine builds its rows with ``build_rows``.
+Every engine builds its rows with ``serving.batch_output.build_rows`` and reads files through
+``data.imagefile.read_or_error`` (one set of messages for a bad file).
 The output appears whole or not at all (written to a temporary name, then renamed).
 
 ``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
@@ -39,10 +40,9 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +50,20 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.imagefile import IMAGE_SUFFIXES
-from data.preprocess import DEFAULT_MAX_PIXELS, ImageError
+from data.faces import FaceStageError
+from data.imagefile import IMAGE_SUFFIXES, read_or_error
+from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
-from models.faces import FaceStageError
-from serving.predictor import ImageLoader, Predictor, Prepared
-
-OUTPUT_EXTS = (".csv", ".parquet")
-
-
-class FatalError(Exception):
-    """A problem that stops the run: printed as one ``error: ...`` line, exit status 1."""
+from serving.batch_output import (
+    OUTPUT_EXTS,
+    FatalError,
+    build_rows,
+    error_counts,
+    is_dataset,
+    to_table,
+    write_outputs,
+)
+from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
 class ImageFiles(Dataset):
@@ -78,19 +81,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
-        return (i, *load_one(self.loader, self.paths[i], self.max_faces, self.detect))
-
-
-def load_one(
-    loader: ImageLoader, path: str | Path, max_faces: int | None = None, detect: bool = True
-) -> tuple[Prepared | None, str | None]:
-    """A file -> ``(Prepared, None)`` (its faces' inputs, or the whole image's), or ``(None, why)``; never raises."""
-    try:
-        return loader.prepare(path, max_faces, detect), None
-    except ImageError as e:
-        return None, str(e)
-    except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
-        return None, f"cannot read file ({e.strerror or e})"
+        return (i, *read_or_error(self.loader.prepare, self.paths[i], self.max_faces, self.detect))
 
 
 def collate(
@@ -171,121 +162,6 @@ def check_output(spec: str) -> Path:
     if not out.parent.is_dir():
         raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
     return out
-
-
-def is_dataset(spec: str | Path) -> bool:
-    """An ``--output`` ending in ``/`` names a Parquet dataset folder (one file per block)."""
-    return str(spec).endswith(("/", os.sep))
-
-
-def temp_name(out: Path) -> Path:
-    """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-def remove(path: Path) -> None:
-    """Delete a temporary file or folder, if it is there."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def write_outputs(
-    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
-) -> None:
-    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
-
-    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
-    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
-    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
-    """
-    written: list[tuple[Path, Path]] = []
-    try:
-        for spec, out in outputs:
-            tmp = temp_name(out)
-            written.append((tmp, out))
-            if tmp in prewritten:
-                continue
-            if is_dataset(spec):
-                tmp.mkdir()
-                table.to_parquet(tmp / "part-00000.parquet", index=False)
-            elif out.suffix.lower() == ".parquet":
-                table.to_parquet(tmp, index=False)
-            else:
-                table.to_csv(tmp, index=False)
-        for tmp, out in written:
-            os.replace(tmp, out)
-    except BaseException:
-        for tmp in {*prewritten, *(t for t, _ in written)}:
-            remove(tmp)
-        raise
-
-
-FACE_COLUMNS = {
-    "face": "Int64",
-    "box_x0": "Int64",
-    "box_y0": "Int64",
-    "box_x1": "Int64",
-    "box_y1": "Int64",
-    "face_score": "float64",
-}
-NO_FACE = "no face found"
-
-
-def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
-    """The output columns and their pandas dtypes, the same for every engine and every block."""
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = {"label": "string", "score": "float64"}
-        for j in range(1, k + 1):
-            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
-    else:
-        cols = {predictor.target_name: "float64"}
-    faces = FACE_COLUMNS if predictor.uses_faces else {}
-    return {"path": "string", **faces, **cols, "error": "string"}
-
-
-def build_rows(
-    predictor: Predictor,
-    shown: str,
-    outputs: torch.Tensor | None,
-    error: str | None,
-    top_k: int,
-    faces: Sequence[dict[str, Any]] = (),
-) -> list[dict[str, Any]]:
-    """The output rows of one input file (every engine builds its rows here, so they all get the same).
-
-    ``outputs``: the file's rows of ``predict_tensors``, one per input of its ``Prepared``, and
-    ``faces`` that ``Prepared``'s faces (``{"box", "score"}``). A face model gives one row per face
-    (``face`` index, box, ``face_score``, target), or one row with an empty ``face`` and ``error``
-    "no face found"; any other model gives one row per file. A file that could not be read
-    (``outputs`` None) gives one row with its ``error``.
-    """
-    if outputs is None:
-        return [{"path": shown, "error": error or "not predicted"}]
-    if not predictor.uses_faces:
-        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": error}]
-    if not faces:
-        return [{"path": shown, "error": NO_FACE}]
-    rows = []
-    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
-        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
-        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
-        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
-    return rows
-
-
-def error_counts(table: pd.DataFrame) -> tuple[int, int]:
-    """-> (rows of files that could not be read, rows of photos without a face)."""
-    faceless = int((table["error"] == NO_FACE).sum())
-    return int(table["error"].notna().sum()) - faceless, faceless
-
-
-def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
-    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
-    cols = columns(predictor, top_k)
-    return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)
 
 
 def predict(
@@ -371,14 +247,6 @@ def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: 
     }
 
 
-def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """``{"label", "score", "top_k": [...]}`` -> ``{"label", "score", "top1_label", "top1_score", ...}``."""
-    out = {k: v for k, v in result.items() if k != "top_k"}
-    for j, entry in enumerate(result.get("top_k", []), start=1):
-        out[f"top{j}_label"], out[f"top{j}_score"] = entry["label"], entry["score"]
-    return out
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="bundle folder or BentoML model tag")
@@ -408,10 +276,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-faces", type=int, default=None, help="face models: at most this many faces per photo")
     p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the model: onnx (ONNX Runtime over the bundle's model.onnx, CPU), torch, or auto "
+        "(default: onnx on a CPU when the bundle has model.onnx, else torch)",
+    )
+    p.add_argument(
         "--optimize",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on a CPU, run the forward as TorchScript when it matches the model (default); --no-optimize: as it is",
+        help="--runtime torch on a CPU: run the forward as TorchScript when it matches the model (default); "
+        "--no-optimize: as it is",
     )
     p.add_argument("--truth", default=None, help="CSV of true answers (path|name + label|target): print metrics")
     ray = p.add_argument_group("Ray engine (pip install 'svertka[ray]'; see docs/BATCH.md)")
@@ -438,6 +314,8 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise FatalError("--num-gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
     elif str(args.device).startswith("cuda") and not args.num_gpus_per_worker:
         raise FatalError(f"--device {args.device} with --engine ray needs --num-gpus-per-worker (GPUs per actor)")
+    if args.runtime == "onnx" and str(args.device).startswith("cuda"):
+        raise FatalError(f"--runtime onnx runs on the CPU not with --device {args.device}")
     if args.engine == "local" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise FatalError(f"--device {args.device}: CUDA is not available on this machine")
     outputs = [(spec, check_output(spec)) for spec in args.output]
@@ -445,6 +323,15 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
     if len(set(paths)) < len(paths):
         raise FatalError(f"--output: the same path is given twice ({', '.join(args.output)})")
     return outputs
+
+
+def runtime_shown(args: argparse.Namespace, predictor: Predictor) -> str:
+    """What ran the model, for the summary line: ``onnx``, ``torch (torchscript)``, ``torch (eager)``."""
+    if args.engine == "ray" and str(args.device).startswith("cuda"):
+        return "torch (Ray GPU actors)"
+    if predictor.runtime == "onnx":
+        return "onnx (ONNX Runtime)"
+    return f"torch ({predictor.forward_mode})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         local = args.engine == "local"
         device = args.device if local else "cpu"  # Ray: the driver only reads the bundle
         try:
-            predictor = Predictor(bundle, device=device, max_pixels=args.max_pixels, optimize=args.optimize and local)
+            optimize = args.optimize and local
+            predictor = Predictor(bundle, device, args.max_pixels, optimize=optimize, runtime=args.runtime)
         except (BundleError, FaceStageError) as e:
             raise FatalError(f"--model {args.model}: {e}") from None
         except RuntimeError as e:  # e.g. --device cuda without a GPU
@@ -470,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
 
             ray_opts = RayOptions(
-                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.optimize
-            )
+                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.optimize,
+                args.runtime,
+            )  # fmt: skip
             table, rows, bad, faceless = run_ray(
                 predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
                 progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
@@ -505,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown_faceless = f", {faceless} without a face" if predictor.uses_faces else ""
     print(
         f"wrote {rows} rows to {where}: {rows - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
-        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s)",
+        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s); runtime: {runtime_shown(args, predictor)}",
         file=sys.stderr,
     )
     if metrics is not None:
@@ -515,6 +404,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from serving import batch  # run as ``serving.batch``, not ``__main__``: one FatalError class for every engine
-
-    sys.exit(batch.main())
+    sys.exit(main())

@@ -4,7 +4,7 @@
 model actors apply the rest of the bundle's preprocessing and run the forward. Keeping torch and
 albumentations out of this module keeps the decoding workers' start-up short.
 
-For a face bundle (its ``faces`` entry: a ``models.faces.FaceAligner``, numpy + dlib) the task
+For a face bundle (its ``faces`` entry: a ``data.faces.FaceAligner``, numpy + dlib) the task
 detects and aligns each face on the full-resolution decoded image (boxes in the original image's
 pixels) and ships the chips. Otherwise an image larger than ``RESIZE_ABOVE`` pixels is resized
 here, with the bundle's own resize (which imports albumentations and torch, once per worker, only
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.imagefile import ImageError, load_image
+from data.imagefile import load_image, read_or_error
 
 if TYPE_CHECKING:
-    from models.faces import FaceAligner
+    from data.faces import FaceAligner
 
 RESIZE_ABOVE = 1_000_000  # pixels: larger images are resized in the decoding task (never before face detection)
 _resizers: dict[str, Any] = {}  # this worker's resize transforms, by spec
@@ -78,20 +78,15 @@ def decode_files(
     channels = int(spec["channels"])
     images, boxes, scores, resized, errors = [], [], [], [], []
     for file in batch["file"]:
-        try:
-            x, box, score, big = decode_one(str(file), spec, max_pixels, aligner, max_faces)
-            err = ""
-        except ImageError as e:  # the messages of serving.batch.load_one
-            err = str(e)
-        except OSError as e:  # unreadable (permissions, a folder named like an image, ...)
-            err = f"cannot read file ({e.strerror or e})"
-        if err:
-            x, box, score, big = np.zeros((0, 0, 0, channels), np.uint8), np.zeros((0, 4), np.int64), np.zeros(0), False
+        decoded, err = read_or_error(decode_one, str(file), spec, max_pixels, aligner, max_faces)
+        if decoded is None:
+            decoded = np.zeros((0, 0, 0, channels), np.uint8), np.zeros((0, 4), np.int64), np.zeros(0), False
+        x, box, score, big = decoded
         images.append(x)
         boxes.append(box)
         scores.append(score)
         resized.append(big)
-        errors.append(err)
+        errors.append(err or "")
     return {
         "path": batch["path"],
         "images": ragged(images),

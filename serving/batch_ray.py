@@ -8,9 +8,9 @@
 calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
 reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
 PIL only, so those workers start without torch; for a face model also detecting and aligning each
-face with ``models.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
+face with ``data.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
 and the forward run in a pool of ``--workers`` actors (``Forward``), each holding one
-``serving.predictor.Predictor`` and building its rows with ``serving.batch.build_rows``/``to_table``,
+``serving.predictor.Predictor`` and building its rows with ``serving.batch_output.build_rows``/``to_table``,
 so both engines write the same columns.
 The bundle's files travel through Ray's object store, so actors on other machines need no copy of
 it; the input files must be readable at the same path on every node (a shared file system).
@@ -46,8 +46,9 @@ import torch
 
 from data.imagefile import ImageError
 from data.preprocess import normalize_ops
-from models.bundle import META_FILE, WEIGHTS_FILE
-from serving.batch import (
+from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
+from serving.batch_decode import decode_files
+from serving.batch_output import (
     FatalError,
     build_rows,
     error_counts,
@@ -57,7 +58,6 @@ from serving.batch import (
     to_table,
     write_outputs,
 )
-from serving.batch_decode import decode_files
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
@@ -74,23 +74,31 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     optimize: bool = True  # CPU actors: TorchScript forward when it matches the model (Predictor(optimize=))
+    runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
 class Forward:
     """A Ray actor: the bundle's ``Predictor``; a decoded batch -> its output rows."""
 
     def __init__(
-        self, files: list[Any], device: str, max_pixels: int | None, top_k: int, threads: int, optimize: bool = False
+        self,
+        files: list[Any],
+        device: str,
+        max_pixels: int | None,
+        top_k: int,
+        threads: int,
+        optimize: bool = False,
+        runtime: str = "auto",
     ) -> None:
         import ray
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # ONNX Runtime's intra-op threads too (Predictor: they follow torch's)
         files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
         folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize)
+            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, optimize=optimize, runtime=runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
         self.top_k = top_k
@@ -168,8 +176,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bundle's two files, to ship to the actors through the object store."""
-    return {name: (bundle / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE)}
+    """The bundle's files (weights, metadata, ``model.onnx`` when it has one), to ship to the actors through the
+    object store."""
+    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
+    return {name: (bundle / name).read_bytes() for name in names}
 
 
 def pipeline(
@@ -225,6 +235,7 @@ def pipeline(
                 top_k,
                 threads,
                 opts.optimize,
+                opts.runtime,
             ),
             compute=ray.data.ActorPoolStrategy(size=opts.workers),
             num_cpus=opts.cpus_per_worker,

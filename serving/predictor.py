@@ -8,13 +8,19 @@
 Everything comes from the bundle: architecture and weights (``models.bundle``), class names or
 the regression target and its range, the eval preprocessing (``data.preprocess``) and, for a
 model trained on aligned face chips (the bundle's ``faces`` entry), the chip framing: such a
-predictor finds the faces in a photo and cuts their chips exactly that way (``models.faces``)
+predictor finds the faces in a photo and cuts their chips exactly that way (``data.faces``)
 before the model sees them:
 
     >>> p = Predictor("artifacts/utkface_age")
     >>> prep = p.prepare("group.jpg", max_faces=5)        # faces found (largest first) + their inputs
     >>> p.face_results(prep, p.predict_tensors(prep.inputs))
     [{'box': [212, 80, 301, 169], 'score': 1.21, 'age': 31.4}, ...]
+
+``runtime`` says what runs the network: ``"onnx"`` (ONNX Runtime over the bundle's ``model.onnx``,
+CPU), ``"torch"`` (the ``nn.Module``), or ``"auto"`` (the default: ONNX Runtime on a CPU when the
+bundle has ``model.onnx``, torch otherwise and on a GPU). ONNX Runtime runs with as many intra-op
+threads as ``torch.get_num_threads()`` says at each call (one session per thread count), so every
+thread setting of the service, the batch script and the Ray actors applies to both runtimes.
 
 Imports neither Lightning nor ``training``.
 """
@@ -33,6 +39,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from data.faces import DetectSettings, FaceAligner, FaceFraming
 from data.preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessSpec,
@@ -43,8 +50,7 @@ from data.preprocess import (
     preprocess,
 )
 from models import heads
-from models.bundle import BundleMeta, load_bundle
-from models.faces import DetectSettings, FaceAligner, FaceFraming
+from models.bundle import BundleError, BundleMeta, check_weights, load_bundle, read_meta, read_onnx
 
 
 def auto_device(device: str | torch.device | None = None) -> torch.device:
@@ -52,6 +58,49 @@ def auto_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+def pick_runtime(runtime: str, meta: BundleMeta, device: torch.device) -> str:
+    """``"onnx"`` or ``"torch"`` for ``runtime`` (``auto``: ONNX Runtime on a CPU when the bundle has
+    ``model.onnx``); ``ValueError``/``BundleError`` when the one asked for cannot run here."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        return "onnx" if device.type == "cpu" and meta.onnx else "torch"
+    if runtime == "onnx":
+        if device.type != "cpu":
+            raise ValueError(f"runtime 'onnx' runs on the CPU (ONNX Runtime's CPU provider), not on {device}")
+        if not meta.onnx:
+            where = meta.path or "the bundle"
+            raise BundleError(
+                f"{where}: no model.onnx to run (add it with `python -m training.export --bundle {where} --onnx`)"
+            )
+    return runtime
+
+
+class OnnxForward:
+    """The bundle's ``model.onnx`` in ONNX Runtime: ``(B, C, h, w)`` -> what ``heads.predict`` gives, on CPU.
+
+    One session per intra-op thread count, made when first asked for (``torch.get_num_threads()``).
+    """
+
+    def __init__(self, data: bytes, meta: BundleMeta) -> None:
+        self.data, self.input = data, str(meta.onnx.get("input", "input"))
+        self.sessions: dict[int, Any] = {}
+
+    def session(self, threads: int) -> Any:
+        if threads not in self.sessions:
+            from models.onnx_graph import open_session
+
+            self.sessions[threads] = open_session(self.data, threads)
+        return self.sessions[threads]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session(torch.get_num_threads()).run(None, {self.input: batch})[0])
 
 
 def trace_for_cpu(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module | None, str]:
@@ -168,25 +217,42 @@ class Predictor:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         face_settings: DetectSettings | None = None,
         optimize: bool = False,
+        runtime: str = "auto",
     ) -> None:
         self.device = auto_device(device)
-        if isinstance(bundle, tuple):
+        meta = bundle[1] if isinstance(bundle, tuple) else read_meta(bundle)
+        folder = meta.path if isinstance(bundle, tuple) else Path(bundle)
+        # "onnx" or "torch" (pick_runtime); ONNX Runtime never needs the torch module: not built
+        # a loaded module handed in runs as it is unless runtime="onnx" asks for the bundle's graph
+        self.runtime = pick_runtime(
+            "torch" if isinstance(bundle, tuple) and runtime == "auto" else runtime, meta, self.device
+        )
+        self.onnx: OnnxForward | None = None
+        model: nn.Module | None = None
+        if self.runtime == "onnx":
+            if folder is None:
+                raise BundleError("runtime 'onnx' needs the bundle's folder (its model.onnx), not a loaded module")
+            if not isinstance(bundle, tuple):
+                check_weights(folder, meta)  # every file of the bundle is as bundle.json says
+            self.onnx, self.meta = OnnxForward(read_onnx(folder, meta), meta), meta
+        elif isinstance(bundle, tuple):
             model, self.meta = bundle
             model = model.to(self.device).eval()
         else:
             model, self.meta = load_bundle(bundle, device=self.device)
         self.max_pixels = max_pixels
         self.spec = self.meta.preprocess
-        # optimize (CPU only): the forward runs as TorchScript frozen for inference (trace_for_cpu), if it
-        # traces and matches the model; the module itself is then let go (the traced one has its own
-        # weights). `forward_mode` says which: "eager", "torchscript" or "eager (why not)".
-        self.forward_mode = "eager"
-        if optimize and self.device.type == "cpu":
+        # optimize (torch runtime, CPU only): the forward runs as TorchScript frozen for inference
+        # (trace_for_cpu), if it traces and matches the model; the module itself is then let go (the
+        # traced one has its own weights). `forward_mode` says which: "onnxruntime", "eager",
+        # "torchscript" or "eager (why not)".
+        self.forward_mode = "onnxruntime" if self.onnx is not None else "eager"
+        if optimize and self.device.type == "cpu" and model is not None:
             traced, why = trace_for_cpu(model, (self.spec.channels, *self.spec.input_size))
             model = traced if traced is not None else model
             self.forward_mode = why if traced is not None else f"eager ({why})"
         self.model = model
-        # A model trained on aligned face chips: find and align faces first (models.faces.FaceStageError,
+        # A model trained on aligned face chips: find and align faces first (data.faces.FaceStageError,
         # one clear line, when dlib or the landmark model is missing).
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
@@ -241,8 +307,11 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` -> class probabilities ``(B, N)`` or clamped regression values ``(B,)``, on CPU."""
-        x = batch.to(self.device, non_blocking=True)
-        out = heads.predict(self.model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
+        if self.onnx is not None:  # the graph holds the decoding and the test-time augmentation
+            out = self.onnx(batch)  # (B, N) or (B,)
+        else:
+            x = batch.to(self.device, non_blocking=True)
+            out = heads.predict(self.model, x, self.task, self.bins, self.meta.tta)  # (B, N) or (B,)
         if self.task != "classification":
             out = out.clamp(float(self.target.get("min", -np.inf)), float(self.target.get("max", np.inf)))
         return out.cpu()
@@ -277,8 +346,8 @@ class Predictor:
         return [self.format(row, top_k) for row in self.predict_tensors(batch)]
 
     def info(self) -> dict[str, Any]:
-        """What ``GET /models`` shows: task, architecture, classes or target, input spec, test metrics."""
-        return describe(self.meta, self.max_pixels)
+        """What ``GET /models`` shows: task, architecture, classes or target, input spec, test metrics, runtime."""
+        return {**describe(self.meta, self.max_pixels), "runtime": self.runtime}
 
 
 def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:

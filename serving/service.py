@@ -10,7 +10,7 @@
 The service is thin: every model is a ``serving.predictor.Predictor`` (the batch script uses the
 same class). An upload's header is read on the event loop; small images (by pixel count, from
 the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
-face model (detect, align: ``models.faces``). Inputs are queued per model; a
+face model (detect, align: ``data.faces``). Inputs are queued per model; a
 batcher runs the forward pass on whatever has queued up, so concurrent requests share one batched
 forward (in its own thread, or on the event loop when the forward is fast and no other request is
 in flight). Uploads arrive in memory (``serving.guards.Upload``), not as temporary files.
@@ -304,10 +304,12 @@ class Svertka(ModelReferences):
         for configured, ref in self.bento_models.items():
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
-            pred = Predictor(stored.path, SETTINGS.device, SETTINGS.max_pixels, optimize=SETTINGS.optimize)
-            pred.warm_up(SETTINGS.max_batch_size)
-            self.predictors[full] = pred
             s = SETTINGS
+            pred = Predictor(stored.path, s.device, s.max_pixels, optimize=s.optimize, runtime=s.runtime)
+            pred.warm_up(SETTINGS.max_batch_size)
+            if pred.onnx is not None:  # ONNX Runtime: a session per thread count; the lone requests' one now too
+                pred.onnx.session(s.solo_threads)
+            self.predictors[full] = pred
             forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
             self.batchers[full] = Batcher(
                 forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _load
@@ -315,6 +317,7 @@ class Svertka(ModelReferences):
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
             info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
+            info["runtime"] = pred.runtime  # "onnx" (ONNX Runtime over model.onnx) or "torch"
             info["forward"] = pred.forward_mode
             info["input"]["max_body_bytes"] = SETTINGS.max_body_bytes
             self.models_info.append(info)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,7 @@ def test_optimize_runs_torchscript_by_default_same_rows(
     made: list[Predictor] = []
     monkeypatch.setattr(batch, "Predictor", lambda *a, **k: made.append(Predictor(*a, **k)) or made[-1])
     tables = []
-    for flags in ([], ["--no-optimize"]):
+    for flags in (["--runtime", "torch"], ["--runtime", "torch", "--no-optimize"]):
         out = tmp_path / f"ages{len(tables)}.csv"
         assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out,
                    "--workers", "0", "--batch-size", "5", *flags) == 0  # fmt: skip
@@ -188,7 +189,8 @@ def test_optimize_runs_torchscript_by_default_same_rows(
     # A model the traced forward does not match runs as it is, with one line saying why.
     monkeypatch.setattr(predictor_module, "trace_for_cpu", lambda model, shape: (None, "RuntimeError: untraceable"))
     out = tmp_path / "ages_eager.csv"
-    assert run("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0") == 0
+    args = ("--model", setup["bundles"]["age"], "--input", setup["images"], "--output", out, "--workers", "0")
+    assert run(*args, "--runtime", "torch") == 0
     assert made[-1].forward_mode == "eager (RuntimeError: untraceable)"
     assert "note: --optimize: the model runs as it is (RuntimeError: untraceable)" in capsys.readouterr().err
     pd.testing.assert_frame_equal(pd.read_csv(out), tables[1], rtol=0, atol=1e-4)  # eager, another batch size
@@ -241,6 +243,25 @@ def test_bad_truth_file_one_line_no_output(
     assert not out.exists() and not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("bundle", ["clf", "age"])
+def test_onnx_runtime_by_default_same_rows_as_torch(
+    setup: dict, tmp_path: Path, bundle: str, capsys: pytest.CaptureFixture
+) -> None:
+    tables = {}
+    for runtime in ("auto", "onnx", "torch"):
+        out = tmp_path / f"{runtime}.csv"
+        assert run("--model", setup["bundles"][bundle], "--input", setup["images"], "--output", out,
+                   "--workers", "0", "--batch-size", "4", "--runtime", runtime) == 0  # fmt: skip
+        tables[runtime] = pd.read_csv(out)
+        summary = capsys.readouterr().err.strip().splitlines()[-1]
+        want = "runtime: onnx (ONNX Runtime)" if runtime != "torch" else "runtime: torch (torchscript)"
+        assert summary.endswith(want), summary
+    assert tables["auto"].notna().sum().sum() > len(setup["good"])
+    pd.testing.assert_frame_equal(tables["auto"], tables["onnx"])
+    # label columns identical, scores / ages within the runtimes' tolerance
+    pd.testing.assert_frame_equal(tables["onnx"], tables["torch"], rtol=0, atol=1e-4 if bundle == "clf" else 1e-3)
+
+
 def _fatal(setup: dict, tmp_path: Path, case: str) -> tuple[list[str], Path]:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -263,6 +284,14 @@ def _fatal(setup: dict, tmp_path: Path, case: str) -> tuple[list[str], Path]:
         out = tmp_path / "out.xlsx"
     elif case == "output folder missing":
         out = tmp_path / "no" / "such" / "out.csv"
+    elif case.startswith("tampered model.onnx"):
+        model = str(tmp_path / "tampered")
+        shutil.copytree(setup["bundles"]["clf"], model)
+        data = bytearray((tmp_path / "tampered" / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / "tampered" / "model.onnx").write_bytes(bytes(data))
+        extra = case.removeprefix("tampered model.onnx").split()
+        return ["--model", model, "--input", inputs, "--output", str(out), "--workers", "0", *extra], out
     return ["--model", model, "--input", inputs, "--output", str(out), "--workers", "0"], out
 
 
@@ -275,6 +304,8 @@ FATAL = [
     "csv without path column",
     "bad output extension",
     "output folder missing",
+    "tampered model.onnx",
+    "tampered model.onnx --runtime torch",
 ]
 
 

@@ -1,14 +1,17 @@
-"""The serving benchmarks' own machinery: the load generator counts answers and errors right."""
+"""The benchmarks' own machinery: the load generator counts answers and errors right; the training
+ceiling trains what the fit trains."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _loadgen  # noqa: E402
@@ -225,3 +228,36 @@ def test_serve_load_pools_alternating_runs() -> None:
     assert r["server_cpu_ms_per_request"] == pytest.approx(2000 / 110) and r["server_cpu_cores"] == pytest.approx(0.4)
     assert r["error_kinds"] == {"HTTP 500": 2} and r["status_counts"] == {"200": 100}
     assert "latencies_ms" not in r
+
+
+def test_ceiling_trains_what_the_fit_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training ceiling's bare loop and ``python -m training fit`` of the same run end with the same weights.
+
+    Same seed, network, optimizer and settings, loss, batches in the same order: what the throughput
+    benchmark calls the ceiling does the fit's work and nothing else. Both time the batches after the
+    warm-up ones only.
+    """
+    import _ceiling
+
+    from training.cli import SvertkaCLI
+
+    monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("SVERTKA_BENCH_WARMUP", "1")
+    monkeypatch.setenv("SVERTKA_BENCH_OUT", str(tmp_path / "fit.json"))
+    args = ["-c", str(REPO / "configs" / "quickstart.yaml"), "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+            "--early_stopping_patience=null", "--test_after_fit=false", "--export=false"]  # fmt: skip
+    fit = SvertkaCLI(args=["fit", *args, "--trainer.callbacks+=_timing.EpochTimer"])
+    ceiling = SvertkaCLI(args=args, run=False)
+    before = {k: v.clone() for k, v in ceiling.model.state_dict().items()}
+    epochs = _ceiling.train(ceiling)
+
+    after, trained = ceiling.model.state_dict(), fit.model.state_dict()
+    assert after.keys() == trained.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # it did train
+    for k in after:
+        torch.testing.assert_close(after[k], trained[k], rtol=1e-5, atol=1e-6, msg=k)
+    timed = json.loads((tmp_path / "fit.json").read_text())
+    assert len(epochs) == len(timed) == 1
+    assert epochs[0]["images"] == timed[0]["images"] == 3 * 32  # batches 2 to 4
+    assert all(e["images_per_s"] > 0 for e in epochs + timed)

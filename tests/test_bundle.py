@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from data.imagefile import sha256_file
 from data.preprocess import PreprocessSpec
 from models import get_model, get_model_builder, list_models
 from models.bundle import META_FILE, WEIGHTS_FILE, BundleError, load_bundle, read_meta, save_bundle
-from models.faces import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIC = [n for n in list_models() if get_model_builder(n).__module__ == "models.classic"]
@@ -171,7 +171,7 @@ def test_save_over_an_existing_bundle_replaces_it_whole(bundle: Path) -> None:
     (bundle / "stale.txt").write_text("from an older export")
     net, kwargs = _trained_like("simple_cnn")
     _save(bundle, "simple_cnn", net, kwargs)
-    assert sorted(p.name for p in bundle.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in bundle.iterdir()) == [META_FILE, "model.onnx", WEIGHTS_FILE]
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # no temp or old folders left
     loaded, meta = load_bundle(bundle)
     assert meta.architecture["name"] == "simple_cnn"

@@ -1,6 +1,6 @@
-"""The face stage (models.faces), face bundles, aligned training data and the batch script's face rows.
+"""The face stage (data.faces), face bundles, aligned training data and the batch script's face rows.
 
-    pytest tests/test_faces.py     # ~30 s; needs dlib-bin and the 5-point model (`python -m models.faces fetch`)
+    pytest tests/test_faces.py     # ~30 s; needs dlib-bin and the 5-point model (`python -m data.faces fetch`)
 
 Real photographs: scikit-image's astronaut (Eileen Collins, NASA, public domain), shipped with
 scikit-image (a dev dependency).
@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from data.faces import DLIB_5_POINT_TEMPLATE, UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming, FaceStageError
 from data.preprocess import PreprocessSpec, preprocess
 from models import get_model
 from models.bundle import BundleError, load_bundle, read_meta, save_bundle
-from models.faces import DLIB_5_POINT_TEMPLATE, UTKFACE_POINTS, DetectSettings, FaceAligner, FaceFraming, FaceStageError
 
 # The astronaut's face, read off the photo by eye (512x512): forehead at y~75, chin at y~180,
 # cheeks at x~170 and x~275.
@@ -150,10 +150,10 @@ def test_points_framing_cuts_what_get_face_chip_cuts(aligner: FaceAligner) -> No
 
 
 def test_calibrate_measures_the_framing_chips_were_cut_with(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`python -m models.faces calibrate` on chips cut to UTKFace's points finds those points again."""
+    """`python -m data.faces calibrate` on chips cut to UTKFace's points finds those points again."""
     import json
 
-    from models.faces import main
+    from data.faces import main
 
     img = astronaut()
     framing = FaceFraming(200, points=UTKFACE_POINTS)
@@ -176,7 +176,7 @@ def test_missing_landmark_model_is_one_clear_error(
 
     b = face_bundle(tmp_path / "b")
     monkeypatch.setenv("SVERTKA_LANDMARKS", str(tmp_path / "nowhere.dat"))
-    with pytest.raises(FaceStageError, match="models.faces fetch"):
+    with pytest.raises(FaceStageError, match="data.faces fetch"):
         Predictor(b, device="cpu")
     (tmp_path / "img").mkdir()
     Image.fromarray(astronaut()).save(tmp_path / "img" / "a.png")
@@ -315,7 +315,7 @@ def test_align_faces_data_option(tmp_path: Path) -> None:
 
 
 def test_faces_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from models.faces import main
+    from data.faces import main
 
     Image.fromarray(astronaut()).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_text("x")

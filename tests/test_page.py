@@ -87,9 +87,9 @@ def served(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
 
 def mark_face_model(bundle: Path) -> bool:
     """Record in the age bundle that its model takes aligned face chips (UTKFace's framing, the entry
-    ``models.faces.FaceFraming`` writes), so the service finds the faces in a photo."""
+    ``data.faces.FaceFraming`` writes), so the service finds the faces in a photo."""
+    from data.faces import FaceFraming
     from models.bundle import read_meta
-    from models.faces import FaceFraming
 
     meta = json.loads((bundle / "bundle.json").read_text())
     meta["faces"] = FaceFraming(size=200, padding=0.25).to_dict()

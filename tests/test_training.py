@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from data.base import Augment, ImageDataModule, Split
 from data.digits import DigitsDataModule
 from training import AgeRegressor, ImageClassifier
-from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint
+from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint, progress_bar
 from training.cli import main
 from training.export import export_checkpoint
 from training.export import main as export_main
@@ -533,3 +533,29 @@ def test_show_and_export_existing_bundle(trained_run: Path, tmp_path: Path, capf
     assert export_main(["--bundle", str(tmp_path / "nope")]) == 2
     assert "nope" in capfd.readouterr().err
     assert export_main(["--bundle", str(trained_run / "artifacts/quickstart")]) == 0
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_step_loss_is_logged_only_when_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bar: bool) -> None:
+    """``train/loss_step`` goes to ``self.log`` on the logger's steps and the bar's redraws, not every step.
+
+    Without a progress bar only the logger reads it: every ``log_every_n_steps``-th step (4 of 12).
+    """
+    logged: list[int] = []
+    original = ImageClassifier.log
+
+    def log(self, name, *args, **kwargs):
+        if name == "train/loss_step":
+            logged.append(self.trainer.global_step)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ImageClassifier, "log", log)
+    dm = DigitsDataModule(batch_size=32)
+    model = ImageClassifier("lenet5", in_channels=dm.in_channels, num_outputs=dm.num_outputs)
+    kw = {"enable_progress_bar": True, "callbacks": [progress_bar()]} if bar else {}
+    trainer = tiny_trainer(tmp_path, limit_train_batches=12, log_every_n_steps=3, **kw)
+    trainer.fit(model, dm)
+    if bar:  # the throttled bar redraws at the first and the last step (and every 0.2 s)
+        assert {0, 2, 5, 8, 11} <= set(logged)
+    else:
+        assert logged == [2, 5, 8, 11]

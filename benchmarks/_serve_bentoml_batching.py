@@ -8,7 +8,7 @@
 argument (BentoML 1.4 raises "Batch inference function only accept one argument" otherwise), so
 this variant has no ``top_k``/``model`` fields: it measures the library's batching on the same
 decode, preprocessing and forward as the service, not a drop-in replacement for ``/classify``.
-Workers and torch threads as the service's defaults (one per core).
+Workers, torch threads and the forward (``SVERTKA_RUNTIME``, ``SVERTKA_OPTIMIZE``) as the service's settings.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ import torch
 
 from data.preprocess import ImageError
 from serving.predictor import Predictor
-from serving.settings import cpu_count
+from serving.settings import Settings
 
-WORKERS = int(os.environ.get("SVERTKA_WORKERS") or cpu_count())
+SETTINGS = Settings.from_env({k: v for k, v in os.environ.items() if k != "SVERTKA_MODELS"})
 
 
-@bentoml.service(name="bento_batching", workers=WORKERS, logging={"access": {"enabled": False}})
+@bentoml.service(name="bento_batching", workers=SETTINGS.workers, logging={"access": {"enabled": False}})
 class BentoBatching:
     """One model, classify only, batched by BentoML."""
 
     def __init__(self) -> None:
-        torch.set_num_threads(max(1, cpu_count() // WORKERS))
-        self.pred = Predictor(os.environ["SVERTKA_BENCH_BUNDLE"], device="cpu")
+        torch.set_num_threads(SETTINGS.torch_threads)
+        bundle = os.environ["SVERTKA_BENCH_BUNDLE"]
+        self.pred = Predictor(bundle, "cpu", SETTINGS.max_pixels, optimize=SETTINGS.optimize, runtime=SETTINGS.runtime)
 
     @bentoml.api(route="/classify", batchable=True, max_batch_size=32, max_latency_ms=1000)
     def classify(self, image: list[Path]) -> list[dict]:

@@ -5,6 +5,7 @@ Used by ``benchmarks/serve_load.py`` and ``benchmarks/batch_throughput.py``; not
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,12 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import models  # noqa: F401  (registers every architecture)
-from data.preprocess import PreprocessSpec
-from models.bundle import save_bundle
-from models.registry import get_model
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's packages, not an installed (editable) copy of another one
+
+import models  # noqa: E402, F401  (registers every architecture)
+from data.preprocess import PreprocessSpec  # noqa: E402
+from models.bundle import save_bundle  # noqa: E402
+from models.registry import get_model  # noqa: E402
+
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
@@ -106,6 +110,54 @@ def write_json(path: Path | None, args: Any, results: dict, checks: list[tuple[s
     if path:
         payload = {"args": {**vars(args), "json": str(path)}, "results": results, "targets": dict(checks)}
         path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def parse_variant(raw: str, reserved: Sequence[str]) -> tuple[str, Path | None, dict[str, str]]:
+    """``"name[@DIR][:K=V,K=V]"`` -> (name, checkout to serve from or None, environment overrides)."""
+    head, _, settings = raw.partition(":")
+    name, _, folder = head.partition("@")
+    try:
+        env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    except ValueError:
+        raise BenchError(f"--variant {raw!r}: settings must be K=V,K=V") from None
+    if not name or name in reserved:
+        raise BenchError(f"--variant {raw!r}: give it a name other than {', '.join(reserved)}")
+    if folder and not (Path(folder) / "serving" / "service.py").is_file():
+        raise BenchError(f"--variant {raw!r}: {folder} holds no serving/service.py")
+    return name, Path(folder).resolve() if folder else None, env
+
+
+def service_workers() -> int:
+    """The worker processes our service starts with the ``SVERTKA_*`` settings of this environment."""
+    from serving.settings import Settings
+
+    return Settings.from_env({k: v for k, v in os.environ.items() if k != "SVERTKA_MODELS"}).workers
+
+
+def build_request(host: str, path: str, field: str, name: str, data: bytes) -> bytes:
+    """One complete ``POST path`` request (headers + a multipart body carrying ``data`` in ``field``) as bytes."""
+    ctype = {".png": "image/png", ".jpg": "image/jpeg"}.get(Path(name).suffix.lower(), "application/octet-stream")
+    boundary = "svertkabenchboundary7d1e"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{Path(name).name}"\r\n'
+        f"Content-Type: {ctype}\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, dict[str, str]]:
+    """-> (status, body, lower-cased headers) of one HTTP/1.1 response with a Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip().lower() for k, _, v in (line.partition(":") for line in lines[1:]) if k}
+    body = await reader.readexactly(int(headers.get("content-length", 0)))
+    return int(lines[0].split(" ", 2)[1]), body, headers
 
 
 def parse_list(raw: str, known: Sequence[str], option: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Server CPU per request: our BentoML service against the plain uvicorn baseline, same requests, one run.
+"""Server CPU per request: our BentoML service against the plain uvicorn app, same requests, one run.
 
     python benchmarks/serve_cpu.py                              # simple_cnn, 1000 requests x (1, 32 clients) x 3
     python benchmarks/serve_cpu.py --models simple_cnn,resnet18 --requests 300 --repeats 3
@@ -11,14 +11,14 @@ spends per request hardly does. So this sends a fixed number of requests (``--re
 one keep-alive client one after another, then from ``--clients`` concurrent ones) and reads the
 user + system CPU time of the server's whole process tree (``bentoml serve``'s parent and its
 workers; uvicorn's process) from ``/proc`` before and after: CPU ms per request. The servers
-(``serve_load.py``'s baseline and service) both run for the whole benchmark and are measured in
-turn, repeat after repeat, so drift hits both alike. The idle CPU of each tree (ms per second,
+(``serve_load.py``'s plain app on as many workers as ours, and ours) both run for the whole benchmark and are
+measured in turn, repeat after repeat, so drift hits both alike. The idle CPU of each tree (ms per second,
 measured before the requests) is printed too: at one client it is part of each request's cost.
 
 One caveat: with more than one torch thread, a forward pass's threads spin-wait for each other
 (OpenMP), and on a machine whose cores are busy with other work they spin for whole scheduler
 slices: CPU per request then grows with the machine's load. ``--torch-threads 1`` (every server,
-the baseline included) takes that out and leaves the per-request cost of the serving stack.
+the plain app included) takes that out and leaves the per-request cost of the serving stack.
 """
 
 from __future__ import annotations
@@ -33,36 +33,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from _loadgen import build_request, read_response
 from _serve_common import (
     REPO,
     SERVE_MODELS,
     BenchError,
     build_bundle,
+    build_request,
     data_root,
     free_port,
     parse_list,
+    parse_variant,
+    read_response,
     server,
+    service_workers,
     tree_cpu_seconds,
 )
 from serve_load import server_specs, write_images
 
-VARIANTS = ("baseline", "service")
-
-
-def parse_variant(raw: str) -> tuple[str, Path | None, dict[str, str]]:
-    """``"name[@DIR][:K=V,K=V]"`` -> (name, checkout to serve from or None, environment overrides)."""
-    head, _, settings = raw.partition(":")
-    name, _, folder = head.partition("@")
-    try:
-        env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
-    except ValueError:
-        raise BenchError(f"--variant {raw!r}: settings must be K=V,K=V") from None
-    if not name or name in VARIANTS:
-        raise BenchError(f"--variant {raw!r}: give it a name other than {' or '.join(VARIANTS)}")
-    if folder and not (Path(folder) / "serving" / "service.py").is_file():
-        raise BenchError(f"--variant {raw!r}: {folder} holds no serving/service.py")
-    return name, Path(folder).resolve() if folder else None, env
+VARIANTS = ("plain2", "service")  # the plain app on as many workers as ours, and ours
 
 
 def tree_cpu_by_process(pid: int) -> dict[str, float]:
@@ -118,13 +106,13 @@ def bench_model(key: str, args: argparse.Namespace, scratch: Path, root: Path | 
 
     m = SERVE_MODELS[key]
     files, source = write_images(m, root, scratch, 200)
-    requests = [build_request("127.0.0.1", "/classify", "image", f.name, f.read_bytes(), {}) for f in files]
+    requests = [build_request("127.0.0.1", "/classify", "image", f.name, f.read_bytes()) for f in files]
     bundle = build_bundle(m, scratch / "bundles")
     tag = save_bundle_to_bentoml(bundle, f"bench_{key}")
     print(f"{key}: {len(files)} images from {source}; {args.requests} requests per measurement", flush=True)
-    specs = {name: (*server_specs(bundle, tag)[name], None) for name in VARIANTS}
+    specs = {name: (*server_specs(bundle, tag, service_workers())[name], None) for name in VARIANTS}
     for name, folder, overrides in args.variant:
-        cmd, env, ready = server_specs(bundle, tag)["service"]
+        cmd, env, ready = server_specs(bundle, tag, service_workers())["service"]
         env = {**env, **({"PYTHONPATH": str(folder)} if folder else {}), **overrides}  # overrides win
         specs[name] = (cmd, env, ready, folder)
     names = list(specs)
@@ -154,14 +142,14 @@ def bench_model(key: str, args: argparse.Namespace, scratch: Path, root: Path | 
                         print("      " + ", ".join(f"{k}: {v:.2f}" for k, v in shares.items() if v > 0.005))
     print(f"{key}: median (min-max) server CPU ms per request over {args.repeats} repeats")
     for clients in (1, args.clients):
-        b = results[("baseline", clients)]
-        print(f"  {clients:>3} clients: baseline {statistics.median(b):.2f} ({min(b):.2f}-{max(b):.2f})", flush=True)
+        b = results[("plain2", clients)]
+        print(f"  {clients:>3} clients: plain app {statistics.median(b):.2f} ({min(b):.2f}-{max(b):.2f})", flush=True)
         for name in names[1:]:
             s = results[(name, clients)]
             ratio = statistics.median(x / y for x, y in zip(s, b, strict=True))
             print(
                 f"      {name:>10}: {statistics.median(s):.2f} ({min(s):.2f}-{max(s):.2f}); "
-                f"over the baseline {ratio:.2f}",
+                f"over the plain app {ratio:.2f}",
                 flush=True,
             )
 
@@ -187,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         keys = parse_list(args.models, list(SERVE_MODELS), "--models")
-        args.variant = [parse_variant(v) for v in args.variant]
+        args.variant = [parse_variant(v, VARIANTS) for v in args.variant]
         if args.requests < 1 or args.clients < 1 or args.repeats < 1:
             raise BenchError("--requests, --clients and --repeats must be positive")
         root = data_root(args.data_root)
-        if args.torch_threads:  # the baseline reads OMP_NUM_THREADS, the service its own settings
+        if args.torch_threads:  # the plain app reads OMP_NUM_THREADS, the service its own settings
             n = str(args.torch_threads)
             os.environ.update(OMP_NUM_THREADS=n, SVERTKA_TORCH_THREADS=n, SVERTKA_SOLO_THREADS=n)
         with tempfile.TemporaryDirectory(prefix="svertka-serve-cpu-") as tmp:

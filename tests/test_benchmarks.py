@@ -1,20 +1,21 @@
-"""The benchmarks' own machinery: the load generator counts answers and errors right; the training
-ceiling trains what the fit trains."""
+"""The benchmarks' own machinery: wrk's script and the Python session count answers and errors right; the
+training ceiling trains what the fit trains."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _loadgen  # noqa: E402
+from _serve_common import build_request  # noqa: E402
 
 
 async def _serve(handler) -> tuple[asyncio.AbstractServer, int]:
@@ -28,124 +29,93 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-def _load(handler, client: str, clients: int, seconds: float, requests: list[bytes]) -> dict:
-    """``_loadgen.run`` with ``client`` against a toy server running ``handler``, one image ``a.png``."""
+def _load(handler, clients: int, seconds: float) -> dict:
+    """``_loadgen.run`` (one aiohttp session) against a toy server running ``handler``, one image ``a.png``."""
 
     async def main() -> dict:
         server, port = await _serve(handler)
         args = argparse.Namespace(
-            host="127.0.0.1",
-            port=port,
-            clients=clients,
-            seconds=seconds,
-            warmup=0.1,
-            timeout=5.0,
-            client=client,
-            path="/",
-            field="image",
-            form=["top_k=3"],
-        )
+            host="127.0.0.1", port=port, clients=clients, seconds=seconds, warmup=0.1, timeout=5.0, path="/",
+            field="image", form=["top_k=3"],
+        )  # fmt: skip
         async with server:
-            return await _loadgen.run(args, requests, [("a.png", b"x")])
+            return await _loadgen.run(args, [("a.png", b"x")])
 
     return asyncio.run(main())
 
 
+async def _alternating_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, calls: dict) -> None:
+    """Every other answer a 500 (every 4th of those a 503 without Retry-After), Content-Length and chunked in turn."""
+    try:
+        while True:
+            calls["body"] = await _read_request(reader)
+            calls["n"] += 1
+            status = b"200 OK" if calls["n"] % 2 else b"500 Internal Server Error"
+            if calls["n"] % 8 == 0:
+                status = b"503 Service Unavailable"
+            if calls["n"] % 4 < 2:
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
+            else:
+                writer.write(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
 def test_request_is_valid_multipart() -> None:
-    req = _loadgen.build_request("h:1", "/classify", "image", "a.png", b"PNGDATA", {"top_k": "3"})
+    req = build_request("h:1", "/classify", "image", "a.png", b"PNGDATA")
     head, body = req.split(b"\r\n\r\n", 1)
     assert b"POST /classify HTTP/1.1" in head and f"Content-Length: {len(body)}".encode() in head
-    assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body
-    assert b"PNGDATA" in body and b'name="top_k"\r\n\r\n3' in body
+    assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body and b"PNGDATA" in body
 
 
-@pytest.mark.parametrize("client", _loadgen.CLIENTS)
-def test_counts_requests_and_errors(client: str) -> None:
-    """Every other answer is a 500 and answers alternate between Content-Length and chunked bodies.
-
-    Every load generator: the raw-socket client, one shared ``httpx.AsyncClient``, one per client, one
-    shared ``aiohttp.ClientSession``. The httpx and aiohttp uploads carry the file in ``image`` and the
-    extra text field (checked in what the server read).
-    """
+def test_python_session_counts_requests_and_errors() -> None:
+    """The aiohttp session's tasks: every non-2xx answer is an error, the upload carries the file and the fields."""
     calls = {"n": 0, "body": b""}
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                calls["body"] = await _read_request(reader)
-                calls["n"] += 1
-                status = b"200 OK" if calls["n"] % 2 else b"500 Internal Server Error"
-                if calls["n"] % 4 < 2:
-                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
-                else:
-                    writer.write(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    out = _load(handler, client, 2, 0.5, [b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"])
+    out = _load(lambda r, w: _alternating_answers(r, w, calls), 2, 0.5)
     assert out["requests"] > 10
     assert out["errors"] == pytest.approx(out["requests"] / 2, abs=2)
-    assert out["error_kinds"] == {"HTTP 500": out["errors"]}
+    assert set(out["error_kinds"]) == {"HTTP 500", "HTTP 503"} and sum(out["error_kinds"].values()) == out["errors"]
+    assert out["no_retry_after_503s"] == out["status_counts"]["503"] > 0
     assert 0 < out["p50_ms"] <= out["p99_ms"]
-    if client != "raw":  # the raw client sends the prebuilt bytes it was given
-        body = calls["body"]
-        assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body
-        assert b'name="top_k"\r\n\r\n3\r\n' in body
-
-
-@pytest.mark.parametrize("client", ["httpx", "httpx-per-task", "httpx2"])
-def test_shared_httpx_pool_races_when_answers_arrive_together(client: str) -> None:
-    """The reason for the three httpx clients: answers that arrive together make httpx's shared pool retry.
-
-    The server answers its 4 clients only once all 4 have asked, all at once, so every round the
-    client's event loop sees 4 answers in one pass. httpcore's shared pool then gives the next requests
-    the same idle connection (all but one re-queue: counted); 4 separate clients never share one, and
-    httpx2's pool (httpcore2) keeps a connection it handed out for that request. The retries are counted
-    in each client's own pool package, so httpx2's zero is not a count that was never taken.
-    """
-    waiting: list[asyncio.StreamWriter] = []
-
-    def answer_all() -> None:
-        for w in waiting:
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        waiting.clear()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await _read_request(reader)
-                waiting.append(writer)
-                if len(waiting) == 4:
-                    answer_all()
-                elif len(waiting) == 1:  # the last round, when some clients have stopped: answer anyway
-                    asyncio.get_running_loop().call_later(0.05, answer_all)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    out = _load(handler, client, 4, 1.0, [])
-    assert out["errors"] == 0 and out["requests"] > 20
-    if client == "httpx":
-        assert out["client_pool_retries"] > 0
-    else:
-        assert out["client_pool_retries"] == 0  # not None: counted
+    body = calls["body"]
+    assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body
+    assert b'name="top_k"\r\n\r\n3\r\n' in body
 
 
 def test_refused_connection_is_an_error() -> None:
     args = argparse.Namespace(
-        host="127.0.0.1",
-        port=1,
-        clients=1,
-        seconds=0.2,
-        warmup=0.0,
-        timeout=1.0,
-        client="raw",
-        path="/",
-        field="image",
-        form=[],
+        host="127.0.0.1", port=1, clients=1, seconds=0.2, warmup=0.0, timeout=1.0, path="/", field="image", form=[]
     )
-    out = asyncio.run(_loadgen.run(args, [b"x"], []))
+    out = asyncio.run(_loadgen.run(args, [("a.png", b"x")]))
     assert out["requests"] > 0 and out["errors"] == out["requests"] and out["requests_per_s"] == 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make wrk)")
+def test_wrk_script_uploads_the_images_and_counts_every_status(tmp_path: Path) -> None:
+    """The wrk Lua script posts the listed files as multipart uploads; serve_load reads its JSON: non-2xx
+    answers are errors, 503s without Retry-After counted."""
+    import serve_load
+
+    calls = {"n": 0, "body": b""}
+    (tmp_path / "a.png").write_bytes(b"PNGDATA")
+    (tmp_path / "files.txt").write_text(f"{tmp_path / 'a.png'}\n")
+    result: dict = {}
+
+    async def main() -> None:
+        server, port = await _serve(lambda r, w: _alternating_answers(r, w, calls))
+        async with server:
+            loop = asyncio.get_running_loop()
+            result.update(await loop.run_in_executor(None, serve_load.run_wrk, port, tmp_path / "files.txt", 2, 1.0))
+
+    asyncio.run(main())
+    assert result["requests"] > 10 and calls["n"] >= result["requests"]
+    codes = result["status_counts"]
+    assert set(codes) == {"200", "500", "503"} and sum(codes.values()) == result["requests"]
+    assert result["errors"] == codes["500"] + codes["503"] and result["no_retry_after_503s"] == codes["503"]
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["broken"] == 0
+    body = calls["body"]
+    assert b'name="image"; filename="a.png"' in body and b"Content-Type: image/png" in body and b"PNGDATA" in body
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +140,7 @@ def test_gpu_benchmarks_say_no_cuda_in_one_line(tmp_path: Path) -> None:
 
 def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path: Path) -> None:
     import serve_cpu
-    from _serve_common import BenchError
+    from _serve_common import BenchError, parse_variant
 
     seen: list[bytes] = []
 
@@ -191,43 +161,42 @@ def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path
     async def main() -> int:
         server, port = await _serve(handler)
         async with server:
-            requests = [_loadgen.build_request("h", "/classify", "image", "a.png", b"PNG", {})]
+            requests = [build_request("h", "/classify", "image", "a.png", b"PNG")]
             return await serve_cpu.send(port, requests, 12, 3)
 
     assert asyncio.run(main()) == 4 and len(seen) == 12  # 4 of 12 answers were 503
-    assert serve_cpu.parse_variant("t:SVERTKA_TRACING=1,A=b") == ("t", None, {"SVERTKA_TRACING": "1", "A": "b"})
+    assert parse_variant("t:SVERTKA_TRACING=1,A=b", serve_cpu.VARIANTS) == (
+        "t",
+        None,
+        {"SVERTKA_TRACING": "1", "A": "b"},
+    )
     (tmp_path / "serving").mkdir()
     (tmp_path / "serving" / "service.py").write_text("")
-    assert serve_cpu.parse_variant(f"old@{tmp_path}") == ("old", tmp_path.resolve(), {})
+    assert parse_variant(f"old@{tmp_path}", serve_cpu.VARIANTS) == ("old", tmp_path.resolve(), {})
     for bad in ("service:A=1", "x:A", f"x@{tmp_path / 'nope'}"):
         with pytest.raises(BenchError):
-            serve_cpu.parse_variant(bad)
+            parse_variant(bad, serve_cpu.VARIANTS)
 
 
-def test_serve_load_pools_alternating_runs() -> None:
-    """serve_load splits each load into runs alternating between the servers, then pools each server's runs:
-    percentiles over all latencies together (not a mean of per-run percentiles), counts summed, spread kept."""
+def test_serve_load_summarizes_repeats_and_ratios() -> None:
+    """Medians over the repeats with their min-max, errors summed, p99/p50 of every run kept; ours over a peer:
+    the ratio of the medians and the range of the per-repeat ratios."""
     import serve_load
 
-    def run(lat: list[float], errors: int, batches: tuple[int, int] | None, retries: int | None) -> dict:
-        return {
-            "clients": 2, "client": "raw", "seconds": 2.0, "requests": len(lat), "errors": errors,
-            "requests_per_s": (len(lat) - errors) / 2.0, "p50_ms": float(np.median(lat)), "p99_ms": max(lat),
-            "requests_with_warmup": len(lat) + 5, "loadgen_cpu_fraction": 0.2, "status_counts": {"200": len(lat)},
-            "no_retry_after_503s": 0, "client_pool_retries": retries, "latencies_ms": lat, "server_cpu_s": 1.0,
-            "error_kinds": {"HTTP 500": errors} if errors else {}, "error_samples": ["HTTP 500: x"] if errors else [],
-            "elapsed_s": 2.5, "batch_counts": batches,
-        }  # fmt: skip
+    def run(rate: float, p50: float, p99: float, errors: int = 0) -> dict:
+        return {"requests_per_s": rate, "p50_ms": p50, "p99_ms": p99, "errors": errors}
 
-    fast, slow = [1.0] * 60, [10.0] * 40
-    r = serve_load.pool_slices([run(fast, 0, (30, 60), 3), run(slow, 2, (10, 40), None)])
-    assert r["requests"] == 100 and r["errors"] == 2 and r["requests_per_s"] == pytest.approx(98 / 4.0)
-    assert r["p50_ms"] == 1.0 and r["p99_ms"] == 10.0  # 60 of the 100 pooled latencies are 1 ms
-    assert [s["p50_ms"] for s in r["slices"]] == [1.0, 10.0]
-    assert r["mean_batch_size"] == pytest.approx(100 / 40) and r["client_pool_retries"] is None
-    assert r["server_cpu_ms_per_request"] == pytest.approx(2000 / 110) and r["server_cpu_cores"] == pytest.approx(0.4)
-    assert r["error_kinds"] == {"HTTP 500": 2} and r["status_counts"] == {"200": 100}
-    assert "latencies_ms" not in r
+    ours = serve_load.summarize([run(100, 10, 20), run(300, 5, 50, 1), run(200, 8, 16)])
+    assert (ours["requests_per_s"], ours["min"], ours["max"]) == (200, 100, 300)
+    assert ours["p50_ms"] == 8 and ours["p99_ms"] == 20 and ours["errors"] == 1
+    assert ours["tail_ratios"] == [2.0, 10.0, 2.0]
+    peer = serve_load.summarize([run(50, 1, 2), run(100, 1, 2), run(400, 1, 2)])
+    assert serve_load.ratio(ours, peer) == (2.0, 0.5, 3.0)
+    wrk = {"requests": 100, "duration_us": 2_000_000, "connect_errors": 1, "read_errors": 0, "write_errors": 0,
+           "status_errors": 4, "timeouts": 2, "p50_us": 1500, "p90_us": 2000, "p99_us": 9000, "max_us": 12000,
+           "mean_us": 1700.0, "status_counts": {"200": 96, "503": 4}, "no_retry_after_503s": 0}  # fmt: skip
+    r = serve_load.wrk_summary(wrk)
+    assert r["errors"] == 7 and r["broken"] == 3 and r["requests_per_s"] == 48 and r["p99_ms"] == 9.0
 
 
 def test_ceiling_trains_what_the_fit_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

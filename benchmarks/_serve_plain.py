@@ -1,11 +1,13 @@
-"""The baseline for ``serve_load.py``: the plain app a user would write first, one uvicorn worker.
+"""The plain peer for ``serve_load.py``: the Starlette app a user would write by hand, under uvicorn.
 
-    SVERTKA_BENCH_BUNDLE=artifacts/quickstart uvicorn --app-dir benchmarks _serve_baseline:app --workers 1
+    SVERTKA_BENCH_BUNDLE=artifacts/quickstart SVERTKA_BENCH_THREADS=1 \
+        uvicorn --app-dir benchmarks _serve_plain:app --workers 2
 
 ``POST /classify`` with a multipart ``image`` file: decode (``data.preprocess.load_image``), the
-bundle's eval preprocessing and a batch-of-one forward under ``torch.inference_mode``, inline in
-the request handler (so requests run one at a time), torch at its default thread count. No
-batching, no worker tuning. Answers ``{"label", "score", "top_k"}`` like the service.
+bundle's eval preprocessing and a batch-of-one eager forward under ``torch.inference_mode``, inline
+in the request handler (each worker runs its requests one at a time). No batching, no TorchScript.
+``SVERTKA_BENCH_THREADS`` sets ``torch.set_num_threads`` in each worker (unset: torch's default,
+every core). Answers ``{"label", "score", "top_k"}`` like the service.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from starlette.routing import Route
 from data.preprocess import ImageError, eval_transform, load_image, preprocess
 from models.bundle import load_bundle
 
+if os.environ.get("SVERTKA_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SVERTKA_BENCH_THREADS"]))
 model, meta = load_bundle(os.environ["SVERTKA_BENCH_BUNDLE"])
 spec = meta.preprocess
 transform = eval_transform(spec)

@@ -13,10 +13,11 @@ below are re-exported so ``from data.base import ...`` keeps working.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,18 +58,50 @@ def _size2(input_size: int | Sequence[int]) -> tuple[int, int]:
     return (h, w)
 
 
+@functools.cache
+def init_defaults(cls: type) -> dict[str, Any]:
+    """Every ``__init__`` argument of ``cls`` with a default, as LightningCLI resolves them (``**kwargs`` followed
+    into the parents, minus what a subclass gives its parent itself), in the order ``--print_config`` shows."""
+    from jsonargparse import ArgumentParser, Namespace
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init", sub_configs=False)
+    return parser.get_defaults(skip_validation=True).get("init", Namespace()).as_dict()
+
+
 class ImageDataModule(LightningDataModule):
     """Base data module: metadata from ``__init__`` on, in-memory splits, fast or augmented loaders.
 
-    Subclasses set ``task``, ``class_names`` / ``target``, ``in_channels`` and the default
-    mean/std before calling ``super().__init__`` (or right after, before ``preprocess_spec`` is
-    used), and implement ``load_splits()`` returning ``{"train": Split, "val"?: Split, "test"?: Split}``.
+    Subclasses set ``task`` and the default mean/std (and augmentation) as class attributes, take
+    their own arguments plus ``**kwargs`` (passed on to ``super().__init__``, so every argument
+    below is declared and documented once, here, and LightningCLI still sees all of them), give
+    ``in_channels``, ``class_names`` and ``target`` to ``super().__init__`` themselves, and
+    implement ``load_splits()`` returning ``{"train": Split, "val"?: Split, "test"?: Split}``.
     A missing ``val`` is cut from train with ``val_fraction`` and ``seed``.
+
+    Args:
+        root: Data root (default: ``$DATASETS_DIR``, else ``./datasets``).
+        batch_size: Images per batch, in every split.
+        num_workers: Loader worker processes (0: batches are made in the training process).
+        val_fraction: Share of train cut off as val when the data set has no val split.
+        seed: Seed of the splits, the shuffling and the augmentation.
+        input_size: Side (or ``[height, width]``) the images are resized to.
+        augment: Training augmentation (``data.augment.Augment``; default: the data set's, usually none).
+        mean: Per-channel mean for normalization (default: the data set's).
+        std: Per-channel standard deviation for normalization (default: the data set's).
+        resize: ``stretch`` to ``input_size``, or ``center_crop`` (keep the aspect ratio, crop the middle).
+        cache_dir: Folder for decoded images (default: the user cache; never inside the data root).
+        in_channels: 1 (gray) or 3 (RGB); set by the data set.
+        class_names: Class names, in label order (classification); set by the data set.
+        target: The regression target ``{"name", "min", "max"}``; set by the data set.
+        pin_memory: Pinned host batches (default: on when training on CUDA).
+        persistent_workers: Keep loader workers alive between epochs (with ``num_workers`` > 0).
     """
 
     task: Task = "classification"
     default_mean: tuple[float, ...] = (0.5,)
     default_std: tuple[float, ...] = (0.5,)
+    default_augment: Augment = Augment()  # used when ``augment`` is None
 
     def __init__(
         self,
@@ -101,7 +134,7 @@ class ImageDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.val_fraction = val_fraction
         self.seed = seed
-        self.augment = augment if augment is not None else Augment()
+        self.augment = augment if augment is not None else replace(self.default_augment)  # a copy of its own
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.in_channels = in_channels
         self.class_names = list(class_names) if class_names is not None else None
@@ -127,6 +160,10 @@ class ImageDataModule(LightningDataModule):
         """
         kwargs.setdefault("frame", inspect.currentframe().f_back)
         super().save_hyperparameters(*args, **kwargs)
+        if not args:  # all arguments: Lightning sees those given through **kwargs only, so add the defaults
+            given = dict(self.hparams)
+            self.hparams.clear()
+            self.hparams.update({**init_defaults(type(self)), **given})
         for key, value in list(self.hparams.items()):
             if is_dataclass(value) and not isinstance(value, type):
                 self.hparams[key] = asdict(value)

@@ -10,11 +10,11 @@ a seeded 70/10/20 train/val/test split.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from data.base import Augment, ImageDataModule, Split, seeded_split
+from data.base import ImageDataModule, Split, seeded_split
 
 
 def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -30,46 +30,21 @@ class DigitsDataModule(ImageDataModule):
     """8x8 scikit-learn digits, classes "0".."9"; ``root`` is ignored (the data ship with scikit-learn).
 
     YAML: ``data: {class_path: data.DigitsDataModule, init_args: {batch_size: 64, input_size: 28}}``
+
+    Args:
+        batch_size: Images per batch, in every split.
+        test_fraction: Share of the 1,797 images held out as the test split.
+        **kwargs: ``ImageDataModule``'s other arguments.
     """
 
     task = "classification"
     default_mean = (0.31,)  # measured on the 28 px resized train set
     default_std = (0.32,)
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 42,
-        input_size: int | tuple[int, int] = 28,
-        augment: Augment | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Literal["stretch", "center_crop"] = "stretch",
-        cache_dir: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            input_size=input_size,
-            augment=augment,
-            mean=mean,
-            std=std,
-            resize=resize,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            in_channels=1,
-            class_names=[str(i) for i in range(10)],
-        )
+    def __init__(self, *, batch_size: int = 64, test_fraction: float = 0.2, **kwargs: Any) -> None:
+        classes = [str(i) for i in range(10)]
+        super().__init__(batch_size=batch_size, in_channels=1, class_names=classes, target=None, **kwargs)
+        val_fraction = self.val_fraction
         if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"need 0 < test_fraction and val_fraction + test_fraction < 1, got {val_fraction}, {test_fraction}"

@@ -10,13 +10,12 @@ the run naming the file (``on_bad_image: error``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from data.base import (
-    Augment,
     BadImagePolicy,
     DataError,
     ImageDataModule,
@@ -53,6 +52,13 @@ class FileDataModule(ImageDataModule):
 
     ``split`` may be None everywhere (then a seeded train/val/test split by ``val_fraction`` and
     ``test_fraction``), or name each row's split; a missing val split is cut from train.
+
+    Args:
+        test_fraction: Share held out as the test split when the files name no split.
+        on_bad_image: ``skip`` unreadable files with one warning, or stop at the first (``error``).
+        align_faces: The files are photos: align each one's largest face once into a cached chip.
+        faces: The face framing (``data.faces.FaceFraming`` as a dict) of the chips; set by the data set.
+        **kwargs: ``ImageDataModule``'s arguments.
     """
 
     def __init__(
@@ -139,6 +145,16 @@ class ImageFolderDataModule(FileDataModule):
     ``val_dir`` / ``test_dir`` (same sub-folders) give separate splits; otherwise a seeded split
     of ``root`` by ``val_fraction`` / ``test_fraction``.
     YAML: ``class_path: data.folder.ImageFolderDataModule``, ``init_args: {root: photos/train, val_dir: photos/val}``
+
+    Args:
+        root: The folder with one sub-folder per class (the train split, or all of the data).
+        val_dir: A folder with the same sub-folders: the val split.
+        test_dir: A folder with the same sub-folders: the test split.
+        channels: 1 (gray) or 3 (RGB): what the images are converted to.
+        batch_size: Images per batch, in every split.
+        input_size: Side (or ``[height, width]``) the images are resized to.
+        test_fraction: Share held out as the test split when there is no ``test_dir``.
+        **kwargs: ``FileDataModule``'s and ``ImageDataModule``'s other arguments.
     """
 
     task = "classification"
@@ -149,20 +165,11 @@ class ImageFolderDataModule(FileDataModule):
         val_dir: str | None = None,
         test_dir: str | None = None,
         channels: int = 3,
+        *,
         batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        seed: int = 42,
         input_size: int | tuple[int, int] = 64,
-        augment: Augment | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Literal["stretch", "center_crop"] = "stretch",
-        cache_dir: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        on_bad_image: BadImagePolicy = "skip",
+        test_fraction: float = 0.1,
+        **kwargs: Any,
     ) -> None:
         folder = Path(root) if root else None
         if folder is None or not folder.is_dir():
@@ -173,21 +180,14 @@ class ImageFolderDataModule(FileDataModule):
         super().__init__(
             root=root,
             batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
             input_size=input_size,
-            augment=augment,
-            mean=mean,
-            std=std,
-            resize=resize,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=classes,
+            target=None,
             test_fraction=0.0 if test_dir else test_fraction,
-            on_bad_image=on_bad_image,
+            align_faces=False,  # photos of anything: no face stage
+            faces=None,
+            **kwargs,
         )
         self.val_dir = Path(val_dir) if val_dir else None
         self.test_dir = Path(test_dir) if test_dir else None
@@ -234,6 +234,24 @@ class CSVDataModule(FileDataModule):
     records the framing (``face_size``; UTKFace's landmark places, or dlib's template with
     ``face_padding`` when it is set), so serving detects and aligns the same way.
     YAML: ``class_path: data.folder.CSVDataModule``, ``init_args: {csv: faces.csv, target_column: age}``
+
+    Args:
+        csv: The CSV file (relative to ``root`` when not found as given).
+        path_column: Column of image paths, relative to the CSV's folder or absolute.
+        label_column: Column of class labels (classification).
+        target_column: Column of numbers (regression instead of classification).
+        split_column: Optional column of train/val/test.
+        class_names: The classes in label order (default: the sorted labels).
+        target_min: Lowest value a regression predicts (default: the column's minimum).
+        target_max: Highest value a regression predicts (default: the column's maximum).
+        channels: 1 (gray) or 3 (RGB): what the images are converted to.
+        root: Where a relative ``csv`` is looked for when not found as given.
+        batch_size: Images per batch, in every split.
+        input_size: Side (or ``[height, width]``) the images are resized to.
+        align_faces: The files are photos: align each one's largest face once into a cached chip.
+        face_size: Side of the aligned face chips, in pixels.
+        face_padding: dlib's template with this padding instead of UTKFace's landmark places.
+        **kwargs: ``FileDataModule``'s and ``ImageDataModule``'s other arguments.
     """
 
     def __init__(
@@ -248,23 +266,13 @@ class CSVDataModule(FileDataModule):
         target_max: float | None = None,
         channels: int = 3,
         root: str | None = None,
+        *,
         batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        seed: int = 42,
         input_size: int | tuple[int, int] = 64,
-        augment: Augment | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Literal["stretch", "center_crop"] = "stretch",
-        cache_dir: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        on_bad_image: BadImagePolicy = "skip",
         align_faces: bool = False,
         face_size: int = 200,
         face_padding: float | None = None,
+        **kwargs: Any,
     ) -> None:
         csv_path = Path(csv)
         if not csv_path.is_absolute() and not csv_path.exists() and root:
@@ -301,24 +309,13 @@ class CSVDataModule(FileDataModule):
         super().__init__(
             root=str(csv_path.parent.resolve()),
             batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
             input_size=input_size,
-            augment=augment,
-            mean=mean,
-            std=std,
-            resize=resize,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             in_channels=channels,
             class_names=names if self.task == "classification" else None,
             target=target,
-            test_fraction=test_fraction,
-            on_bad_image=on_bad_image,
             align_faces=align_faces,
             faces=face_framing(face_size, face_padding) if align_faces else None,
+            **kwargs,
         )
         base = csv_path.parent
         paths = [str(p if Path(p).is_absolute() else base / p) for p in df[path_column].astype(str)]

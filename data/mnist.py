@@ -12,11 +12,11 @@ from __future__ import annotations
 import gzip
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from data.base import Augment, DataError, ImageDataModule, MissingDataError, Split
+from data.base import DataError, ImageDataModule, MissingDataError, Split
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SPLIT_FILES = {
@@ -59,6 +59,10 @@ class MNISTDataModule(ImageDataModule):
 
     ``root`` holds ``MNIST/raw/`` (torchvision's layout); val is cut from train with
     ``val_fraction`` and ``seed``. YAML: ``class_path: data.mnist.MNISTDataModule``.
+
+    Args:
+        download: Fetch missing files with torchvision into ``root`` first (online).
+        **kwargs: ``ImageDataModule``'s arguments.
     """
 
     folder = "MNIST"
@@ -69,40 +73,8 @@ class MNISTDataModule(ImageDataModule):
     classes = [str(i) for i in range(10)]
     hflip_ok = False
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 42,
-        input_size: int | tuple[int, int] = 28,
-        augment: Augment | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Literal["stretch", "center_crop"] = "stretch",
-        cache_dir: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            input_size=input_size,
-            augment=augment,
-            mean=mean,
-            std=std,
-            resize=resize,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            in_channels=1,
-            class_names=list(self.classes),
-        )
+    def __init__(self, *, download: bool = False, **kwargs: Any) -> None:
+        super().__init__(in_channels=1, class_names=list(self.classes), target=None, **kwargs)
         self.download = download
         if self.augment.hflip and not self.hflip_ok:
             warnings.warn(f"augment.hflip on {self.folder}: mirrored digits are not digits", UserWarning, stacklevel=2)

@@ -15,11 +15,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import pandas as pd
 
-from data.base import Augment, BadImagePolicy, MissingDataError, warn_once
+from data.base import Augment, MissingDataError, warn_once
 from data.folder import FileDataModule, face_framing
 from data.imagefile import IMAGE_SUFFIXES
 
@@ -79,6 +79,16 @@ class UTKFaceDataModule(FileDataModule):
     set), so serving detects and aligns faces the same way. Photos named the same way but
     not aligned (your own): ``align_faces: true`` aligns each once into the cache (``data.face_chips``).
     YAML: ``class_path: data.utkface.UTKFaceDataModule``, ``init_args: {input_size: 64, batch_size: 128}``
+
+    Args:
+        folder: The sub-folder of ``root`` with the images (``root`` itself when it has none).
+        input_size: Side (or ``[height, width]``) the images are resized to.
+        age_min: Youngest age a model predicts.
+        age_max: Oldest age a model predicts.
+        face_size: Side of the face chips, in pixels (UTKFace's are 200).
+        face_padding: dlib's template with this padding instead of UTKFace's measured landmark places.
+        **kwargs: ``FileDataModule``'s and ``ImageDataModule``'s other arguments (``augment``
+            defaults to flips, small shifts, rotations and brightness/contrast changes).
     """
 
     task = "regression"
@@ -86,48 +96,22 @@ class UTKFaceDataModule(FileDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
+        *,
         folder: str = "UTKFace",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        seed: int = 42,
         input_size: int | tuple[int, int] = 64,
-        augment: Augment | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Literal["stretch", "center_crop"] = "stretch",
-        cache_dir: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        on_bad_image: BadImagePolicy = "skip",
         age_min: float = 0.0,
         age_max: float = 116.0,
-        align_faces: bool = False,
         face_size: int = 200,
         face_padding: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
             input_size=input_size,
-            augment=augment if augment is not None else self.default_augment,
-            mean=mean,
-            std=std,
-            resize=resize,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             in_channels=3,
+            class_names=None,
             target={"name": "age", "min": float(age_min), "max": float(age_max)},
-            test_fraction=test_fraction,
-            on_bad_image=on_bad_image,
-            align_faces=align_faces,
             faces=face_framing(face_size, face_padding),  # the files are (or become) dlib-framed chips
+            **kwargs,
         )
         self.folder = folder
         self.index: pd.DataFrame | None = None

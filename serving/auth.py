@@ -29,9 +29,10 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.guards import OPEN_PATHS
+
 TOKEN_ENV = "SVERTKA_API_TOKEN"
 TOKEN_FILE_ENV = "SVERTKA_API_TOKEN_FILE"
-OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
 SESSION_KEY = "svertka_token"
 
 
@@ -244,6 +245,7 @@ def serve_host() -> str | None:
         return None
     host = ctx.params["host"]
     if not host:
+        # BentoML 1.4.40 has no public read of its configuration: bentoml.save_config fails (bentoml/BentoML#5726).
         from bentoml._internal.configuration.containers import BentoMLContainer
 
         host = BentoMLContainer.http.host.get()

@@ -270,6 +270,13 @@ info_app = Starlette(
 )
 
 
+# Model references at class scope, so `bentoml build` packs them: one BentoModel per tag in SVERTKA_MODELS.
+# BentoML 1.4 finds them among the service class's attributes (dir(cls), so inherited ones too), not inside
+# a dict or list: each reference is an attribute of its own (model_0, model_1, ...) of this base class.
+BENTO_MODELS = {tag: bentoml.models.BentoModel(tag) for tag in SETTINGS.models}  # configured tag -> reference
+ModelReferences = type("ModelReferences", (), {f"model_{i}": ref for i, ref in enumerate(BENTO_MODELS.values())})
+
+
 @bentoml.service(
     name="svertka",
     workers=SETTINGS.workers,
@@ -282,15 +289,10 @@ info_app = Starlette(
     envs=[{"name": "SVERTKA_MODELS", "value": ",".join(SETTINGS.models)}],
 )
 @bentoml.asgi_app(info_app, path="/")
-class Svertka:
+class Svertka(ModelReferences):
     """Image classification and age estimation over the models named by ``SVERTKA_MODELS``."""
 
-    # Model references at class scope, so `bentoml build` packs them: one BentoModel per tag in
-    # SVERTKA_MODELS. BentoML 1.4 finds them by looking at each class attribute (dir(cls)); it does
-    # not look inside a dict or list, so besides the dict each reference is its own attribute
-    # (model_0, model_1, ...), added to the class namespace while the class body runs.
-    bento_models = {tag: bentoml.models.BentoModel(tag) for tag in SETTINGS.models}
-    locals().update({f"model_{i}": ref for i, ref in enumerate(bento_models.values())})
+    bento_models = BENTO_MODELS
 
     def __init__(self) -> None:
         torch.set_num_threads(SETTINGS.torch_threads)  # one worker per core: workers must not fight over cores

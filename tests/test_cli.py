@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -12,11 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+PRINT_CONFIG = REPO / "tests" / "print_config.json"  # the --print_config keys and defaults to keep
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -106,9 +110,6 @@ def test_debug_env_shows_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_corrupt_image_in_folder(tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = pytest.importorskip("data.folder")
-    if "on_bad_image" not in folder.ImageFolderDataModule.__init__.__code__.co_varnames:
-        pytest.skip("ImageFolderDataModule has no on_bad_image option")
     from PIL import Image
 
     monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
@@ -123,3 +124,67 @@ def test_corrupt_image_in_folder(tmp_path: Path, capfd: pytest.CaptureFixture, m
     assert main(args) == 2
     (line,) = error_lines(capfd.readouterr().err)
     assert "broken.png" in line
+
+
+# --print_config: every data module and LightningModule keeps its keys (and each class its defaults) while
+# subclasses take their parents' arguments through **kwargs (jsonargparse follows them into the parents).
+
+
+def print_config(args: list[str]) -> dict:
+    """``python -m training ARGS --print_config`` in-process, parsed (nothing is built or trained)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())
+
+
+def class_defaults_args(class_path: str) -> list[str]:
+    """``fit`` arguments that print ``class_path``'s defaults (the other section: any class; a CSV needs a file)."""
+    if class_path.startswith("training."):
+        return ["fit", "--model", class_path, "--data", "data.digits.DigitsDataModule"]
+    required = ["--data.csv", "x.csv"] if class_path.endswith("CSVDataModule") else []
+    return ["fit", "--model", "training.ImageClassifier", "--data", class_path, *required]
+
+
+def section_of(class_path: str) -> str:
+    return "model" if class_path.startswith("training.") else "data"
+
+
+RECORDED = json.loads(PRINT_CONFIG.read_text())
+RECORD = f"PYTHONPATH=. python {Path(__file__).relative_to(REPO)} --record"
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_print_config_keeps_every_key(config: str) -> None:
+    recorded = RECORDED["configs"].get(config)
+    assert recorded, f"configs/{config}.yaml has no entry in {PRINT_CONFIG.name} ({RECORD})"
+    cfg = print_config(["fit", "-c", str(REPO / "configs" / f"{config}.yaml")])
+    for section in ("model", "data"):
+        class_path, keys = recorded[section]
+        assert cfg[section]["class_path"] == class_path
+        assert sorted(cfg[section]["init_args"]) == keys, section
+
+
+@pytest.mark.parametrize("class_path", sorted(RECORDED["defaults"]))
+def test_print_config_keeps_each_class_defaults(class_path: str) -> None:
+    cfg = print_config(class_defaults_args(class_path))
+    assert cfg[section_of(class_path)]["init_args"] == RECORDED["defaults"][class_path]
+
+
+def record_print_config() -> None:
+    """Write tests/print_config.json from the code as it is (for an intended change of the CLI's interface)."""
+    configs = {}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = print_config(["fit", "-c", str(path)])
+        configs[path.stem] = {s: [cfg[s]["class_path"], sorted(cfg[s]["init_args"])] for s in ("model", "data")}
+    defaults = {c: print_config(class_defaults_args(c))[section_of(c)]["init_args"] for c in RECORDED["defaults"]}
+    lines = [f'  "_about": {json.dumps(RECORDED["_about"])}']
+    for name, table in (("configs", configs), ("defaults", defaults)):
+        rows = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in table.items())
+        lines.append(f'  "{name}": {{\n{rows}\n  }}')
+    PRINT_CONFIG.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    record_print_config()

@@ -68,6 +68,15 @@ def test_digits_metadata_shapes_and_split() -> None:
     assert dm.hparams["batch_size"] == 32  # the data config is recorded
 
 
+def test_hparams_record_every_argument_given_or_not() -> None:
+    """Arguments that reach the base through ``**kwargs`` are recorded with their defaults too; metadata is not."""
+    utk = UTKFaceDataModule(seed=3, age_max=90)
+    assert utk.hparams["seed"] == 3 and utk.hparams["age_max"] == 90 and utk.hparams["input_size"] == 64
+    assert utk.hparams["num_workers"] == 0 and utk.hparams["on_bad_image"] == "skip"  # the bases' arguments
+    assert not {"in_channels", "class_names", "target", "faces"} & set(utk.hparams)  # set by the data set itself
+    assert DigitsDataModule().hparams["batch_size"] == 64  # the subclass's own default
+
+
 def test_prenormalized_tensor_equals_eval_transform() -> None:
     dm = DigitsDataModule(input_size=32)
     dm.setup()

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from data.base import Augment, ImageDataModule, Split
 from data.digits import DigitsDataModule
@@ -27,6 +27,7 @@ from training.callbacks import ExportBundle, TrainingPlots, load_checkpoint, pro
 from training.cli import main
 from training.export import export_checkpoint
 from training.export import main as export_main
+from training.modules import _loggers_write_this_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -86,6 +87,21 @@ def tiny_trainer(tmp_path: Path, **kw) -> Trainer:
 
 
 # ---------------------------------------------------------------- LightningModules
+
+
+def test_train_step_logging_follows_lightnings_own_rule(tmp_path: Path) -> None:
+    """The public-attribute rule for logging ``train/loss_step`` agrees with Lightning's private one at every step."""
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+            seen.append((_loggers_write_this_step(trainer), trainer._logger_connector.should_update_logs))
+
+    kw = dict(log_every_n_steps=3, accumulate_grad_batches=2, max_epochs=2, limit_train_batches=7, limit_val_batches=1)
+    tiny_trainer(tmp_path, callbacks=[Probe()], **kw).fit(ImageClassifier("lenet5"), DigitsDataModule(batch_size=32))
+    ours = [a for a, _ in seen]
+    assert len(seen) == 14 and any(ours) and not all(ours)
+    assert ours == [b for _, b in seen]
 
 
 def test_classifier_metrics_checkpoint_and_bundle(tmp_path: Path) -> None:
@@ -189,9 +205,11 @@ def test_distribution_head_with_flip_tta_bundle_scores_like_test_step(tmp_path: 
     served = predictor.predict_tensors(x)
     assert torch.allclose(served, pred, atol=1e-4)
     assert float((served - true).abs().mean()) == pytest.approx(res["test/mae"], abs=1e-4)
-    # flip averaging is real: the mirrored image alone gives other numbers
-    predictor.meta.tta = []
-    assert not torch.allclose(predictor.predict_tensors(x), served, atol=1e-4)
+    # flip averaging is real (model.onnx has it inside; the eager module reads meta.tta): without it, other numbers
+    eager = Predictor(tmp_path / "bundle", device="cpu", runtime="torch")
+    assert torch.allclose(eager.predict_tensors(x), served, atol=1e-4)
+    eager.meta.tta = []
+    assert not torch.allclose(eager.predict_tensors(x), served, atol=1e-4)
 
 
 def test_classifier_flip_tta_in_test_step_and_bundle(tmp_path: Path) -> None:

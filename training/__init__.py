@@ -7,21 +7,18 @@ The modules are imported on first access, so ``python -m training.export`` never
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_LAZY = {"ImageTask": "training.modules", "ImageClassifier": "training.modules", "AgeRegressor": "training.modules"}
-
-__all__ = sorted(_LAZY)
+__all__ = ["AgeRegressor", "ImageClassifier", "ImageTask"]  # all in training.modules
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+    if name in __all__:
+        from training import modules
+
+        return getattr(modules, name)
     raise AttributeError(f"module 'training' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *__all__])

@@ -57,10 +57,30 @@ def _scheduler_class(fn: Any) -> type | None:
     return None
 
 
+def _loggers_write_this_step(trainer: Any) -> bool:
+    """Whether the loggers write the training step now running: Lightning 2.6's own rule
+    (``_LoggerConnector.should_update_logs``, private) from public trainer attributes; one optimizer."""
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+
+
 class ImageTask(LightningModule):
     """Shared base: network by registry name, optimizer/scheduler callables, checkpoint metadata.
 
-    Subclasses set ``monitor`` / ``monitor_mode`` (what ModelCheckpoint and EarlyStopping watch).
+    Subclasses set ``monitor`` / ``monitor_mode`` (what ModelCheckpoint and EarlyStopping watch) and
+    take their own arguments plus ``**kwargs`` for these (declared and documented once, here).
+
+    Args:
+        net: Registry name of the network (``python -c "import models; print(models.list_models())"``).
+        net_kwargs: The network's own arguments (e.g. ``{dropout: 0.3}``).
+        in_channels: Input channels; the CLI links it from the data module.
+        num_outputs: Classes (or outputs); the CLI links it from the data module.
+        optimizer: The optimizer (default: Adam, lr 0.001).
+        lr_scheduler: A learning-rate scheduler (default: none); OneCycleLR's ``total_steps`` is filled in.
+        scheduler_interval: Step the scheduler every ``epoch`` or every ``step``.
+        channels_last: Run the network on channels-last tensors (faster convolutions on GPUs).
+        compile_net: ``torch.compile`` the network for the training steps.
+        tta_hflip: Average each image with its mirror in validation, test, predict and the exported bundle.
     """
 
     monitor: str = "val/loss"
@@ -142,7 +162,7 @@ class ImageTask(LightningModule):
         trainer = self.trainer
         bar = trainer.progress_bar_callback
         bar_due = bar is not None and getattr(bar, "refresh_due", True)  # no bar: nothing reads it per step
-        if trainer._logger_connector.should_update_logs or bar_due:
+        if _loggers_write_this_step(trainer) or bar_due:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._train_seen:
             loss_mean, metric_mean = self._train_sums / self._train_seen
@@ -228,41 +248,22 @@ class ImageClassifier(ImageTask):
 
     ``net``: a registry name (``python -c "import models; print(models.list_models())"``);
     ``num_outputs`` (classes) and ``in_channels`` come from the data module.
+
+    Args:
+        label_smoothing: Cross-entropy label smoothing, in [0, 1).
+        *args: ``ImageTask``'s arguments (``net`` first).
+        **kwargs: ``ImageTask``'s arguments.
     """
 
     monitor = "val/acc"
     monitor_mode = "max"
 
-    def __init__(
-        self,
-        net: str = "lenet5",
-        net_kwargs: dict | None = None,
-        in_channels: int = 1,
-        num_outputs: int = 10,
-        optimizer: OptimizerCallable = _adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Interval = "epoch",
-        channels_last: bool = False,
-        compile_net: bool = False,
-        label_smoothing: float = 0.0,
-        tta_hflip: bool = False,
-    ) -> None:
-        super().__init__(
-            net=net,
-            net_kwargs=net_kwargs,
-            in_channels=in_channels,
-            num_outputs=num_outputs,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scheduler_interval=scheduler_interval,
-            channels_last=channels_last,
-            compile_net=compile_net,
-            tta_hflip=tta_hflip,
-        )
+    def __init__(self, *args: Any, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
-        n = num_outputs
+        n = self.architecture_kwargs["num_outputs"]
         metrics: dict[str, Metric] = {
             "acc": MulticlassAccuracy(num_classes=n, average="micro"),
             "f1": MulticlassF1Score(num_classes=n, average="macro"),
@@ -336,6 +337,17 @@ class AgeRegressor(ImageTask):
     validation, test and predict use ``models.heads.predict`` (as a bundle does: with flip
     averaging when ``tta_hflip``) and clamp to the target range ``[min, max]`` from the data
     module's ``target`` (stored in checkpoints and bundles).
+
+    Args:
+        net: Registry name of the network.
+        in_channels: Input channels; the CLI links it from the data module.
+        num_outputs: Must be 1 (one number per image); the CLI links it from the data module.
+        loss: ``l1``, ``mse`` or ``smooth_l1``, on the predicted value.
+        target: The target range ``{"name", "min", "max"}`` (default: the data module's).
+        head: ``linear`` (the value itself) or ``distribution`` (logits over ``value_range``).
+        value_range: ``[low, high]`` of the distribution head's bins, one per unit.
+        label_sigma: Width of the Gaussian label distribution (distribution head).
+        **kwargs: ``ImageTask``'s other arguments.
     """
 
     monitor = "val/mae"
@@ -345,20 +357,15 @@ class AgeRegressor(ImageTask):
     def __init__(
         self,
         net: str = "vgg_small_bn",
-        net_kwargs: dict | None = None,
+        *,
         in_channels: int = 3,
         num_outputs: int = 1,
-        optimizer: OptimizerCallable = _adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Interval = "epoch",
-        channels_last: bool = False,
-        compile_net: bool = False,
         loss: Literal["l1", "mse", "smooth_l1"] = "l1",
         target: dict | None = None,
         head: Literal["linear", "distribution"] = "linear",
         value_range: tuple[float, float] = (0.0, 116.0),
         label_sigma: float = 2.0,
-        tta_hflip: bool = False,
+        **kwargs: Any,
     ) -> None:
         if num_outputs != 1:
             raise ValueError(f"AgeRegressor predicts one number; got num_outputs={num_outputs}")
@@ -370,18 +377,8 @@ class AgeRegressor(ImageTask):
         if label_sigma <= 0:
             raise ValueError(f"label_sigma must be > 0, got {label_sigma}")
         bins = torch.arange(lo, hi + 0.5, 1.0) if head == "distribution" else None  # one bin per unit
-        super().__init__(
-            net=net,
-            net_kwargs=net_kwargs,
-            in_channels=in_channels,
-            num_outputs=len(bins) if bins is not None else 1,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scheduler_interval=scheduler_interval,
-            channels_last=channels_last,
-            compile_net=compile_net,
-            tta_hflip=tta_hflip,
-        )
+        n = len(bins) if bins is not None else 1
+        super().__init__(net=net, in_channels=in_channels, num_outputs=n, **kwargs)
         losses = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
         if loss not in losses:
             raise ValueError(f"loss must be one of {sorted(losses)}, got {loss!r}")

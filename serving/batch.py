@@ -190,15 +190,28 @@ def predict(
     rows: list[list[dict[str, Any]]] = [[] for _ in paths]
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
     for files, batch in loader:
-        out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
-        at = 0
-        for i, faces, n, err in files:
-            mine = None if err is not None else out[at : at + n] if out is not None else torch.zeros(0)
-            rows[i] = build_rows(predictor, shown[i], mine, err, top_k, faces)
-            at += n
+        for (i, *_), per_file in zip(files, label(predictor, files, batch, shown, top_k), strict=True):
+            rows[i] = per_file
         bar.update(len(files))
     bar.close()
     return to_table([r for per_file in rows for r in per_file], predictor, top_k)
+
+
+def label(
+    predictor: Predictor,
+    files: list[tuple[int, list[dict[str, Any]], int, str | None]],
+    batch: torch.Tensor | None,
+    shown: Sequence[str],
+    top_k: int,
+) -> list[list[dict[str, Any]]]:
+    """One ``collate``d batch -> each file's rows (``build_rows``): the forward and the rows of every engine."""
+    out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
+    rows, at = [], 0
+    for i, faces, n, err in files:
+        mine = None if err is not None else out[at : at + n] if out is not None else torch.zeros(0)
+        rows.append(build_rows(predictor, shown[i], mine, err, top_k, faces))
+        at += n
+    return rows
 
 
 def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
@@ -346,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
 
             ray_opts = RayOptions(
-                args.address, args.workers or 1, args.cpus_per_worker, args.num_gpus_per_worker, args.runtime
+                args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker, args.runtime
             )  # fmt: skip
             table, rows, bad, faceless = run_ray(
                 predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,

@@ -5,25 +5,19 @@
         --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``):
-reading and decoding run as parallel Ray tasks (``serving.batch_decode.decode_files``, numpy and
-PIL only, so those workers start without torch; for a face model also detecting and aligning each
-face with ``data.faces``, numpy + dlib, on the full-resolution image), the bundle's preprocessing
-and the forward run in a pool of ``--workers`` actors (``Forward``), each holding one
-``serving.predictor.Predictor`` and building its rows with ``serving.batch_output.build_rows``/``to_table``,
-so both engines write the same columns.
-The bundle's files travel through Ray's object store, so actors on other machines need no copy of
-it; the input files must be readable at the same path on every node (a shared file system).
+calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``) mapped
+by a pool of model actors (``Forward``; ``--workers``, default as many as the cluster's CPUs hold):
+each holds one ``serving.predictor.Predictor`` and reads, decodes (faces: detects and aligns),
+predicts and builds the rows of its batches with the local engine's own functions, so only paths
+travel to the actors and only rows come back. The bundle's files travel through Ray's object store,
+so actors on other machines need no copy of it; the input files must be readable at the same path
+on every node (a shared file system).
 
 Faults: Ray Data's actor pool restarts a dead actor and runs the batches it held again (its
-defaults ``max_restarts=-1``, ``max_task_retries=-1``; decoding tasks are retried too); the
-driver receives each block once, in input order (``preserve_order``), and streams it into the
-outputs' temporary names, renamed at the end.
-
-Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores, for
-the decoding tasks, plus ``--workers x --cpus-per-worker`` for the actors: Ray Data's actor pool
-and its read tasks must not compete for the same CPU budget, or the job can stall (Ray 2.60 with
-``num_cpus=2`` and a pool of 2 waits forever on a 2-core machine). Only this module imports Ray.
+defaults ``max_restarts=-1``, ``max_task_retries=-1``); the driver receives each block once, in
+input order (``preserve_order``), and streams it into the outputs' temporary names, renamed at the end.
+Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores (more
+if ``--workers x --cpus-per-worker`` asks for more). Only this module imports Ray.
 """
 
 from __future__ import annotations
@@ -35,22 +29,19 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 
-from data.imagefile import ImageError
-from data.preprocess import normalize_ops
 from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
-from serving.batch_decode import decode_files
+from serving.batch import ImageFiles, collate, label
 from serving.batch_output import (
     FatalError,
-    build_rows,
     error_counts,
     is_dataset,
     remove,
@@ -61,8 +52,7 @@ from serving.batch_output import (
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
-BATCHES_PER_BLOCK = 4  # input rows per block: a decoding task reads this many batches
-DECODE_MEMORY = 512 * 1024**2  # bytes of memory a decoding task asks Ray for (its batches of decoded images)
+BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
 
 
 @dataclass(frozen=True)
@@ -70,14 +60,18 @@ class RayOptions:
     """Where and how wide to run: the cluster (None: a local Ray) and the actor pool."""
 
     address: str | None = None
-    workers: int = 1
+    workers: int | None = None  # None: as many actors as the cluster's CPUs (GPUs for GPU actors) hold
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a decoded batch -> its output rows."""
+    """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows.
+
+    It reads the files itself, as the local engine's decoding workers do (``serving.batch.ImageFiles``,
+    ``collate``, ``label``): only paths reach it and only rows leave it.
+    """
 
     def __init__(
         self,
@@ -87,6 +81,8 @@ class Forward:
         top_k: int,
         threads: int,
         runtime: str = "auto",
+        detect: bool = True,
+        max_faces: int | None = None,
     ) -> None:
         import ray
 
@@ -99,33 +95,16 @@ class Forward:
             self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, runtime=runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
-        self.top_k = top_k
-        self.loader = self.predictor.loader.preprocess
-        normalize = A.Compose(normalize_ops(self.predictor.spec))
-        self.normalize = lambda image: normalize(image=image)["image"].float()
+        self.top_k, self.detect, self.max_faces = top_k, detect, max_faces
+        self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        errors = [str(e) or None for e in batch["error"]]
-        inputs: dict[int, torch.Tensor] = {}  # per good file: its inputs (K, C, h, w), K faces or 1 image
-        for j, (images, resized) in enumerate(zip(batch["images"], batch["resized"], strict=True)):
-            if errors[j] is None and len(images):
-                try:  # the bundle's preprocessing (its resize already done for a large image)
-                    prep = self.normalize if resized else self.loader
-                    inputs[j] = torch.stack([prep(np.asarray(image)) for image in images])
-                except ImageError as e:
-                    errors[j] = str(e)
-        out = self.predictor.predict_tensors(torch.cat(list(inputs.values()))) if inputs else None
-        rows, at = [], 0
-        for j, path in enumerate(batch["path"]):
-            n = len(inputs[j]) if j in inputs else 0
-            outputs = None if errors[j] is not None else out[at : at + n] if n else torch.zeros(0)
-            faces = [
-                {"box": [int(v) for v in box], "score": None if np.isnan(score) else float(score)}
-                for box, score in zip(np.asarray(batch["box"][j]).reshape(-1, 4), batch["score"][j], strict=True)
-            ]
-            rows += build_rows(self.predictor, str(path), outputs, errors[j], self.top_k, faces)
-            at += n
-        return to_table(rows, self.predictor, self.top_k)
+        files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, self.max_faces, self.detect)
+        shown = [str(p) for p in batch["path"]]
+        rows = label(
+            self.predictor, *collate(list(self.pool.map(files.__getitem__, range(len(files))))), shown, self.top_k
+        )
+        return to_table([r for per_file in rows for r in per_file], self.predictor, self.top_k)
 
 
 def connect(opts: RayOptions) -> bool:
@@ -146,7 +125,7 @@ def connect(opts: RayOptions) -> bool:
             # The cluster's Python needs svertka's dependencies; its own code travels with the job.
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
         else:
-            cpus = (os.cpu_count() or 1) + math.ceil(opts.workers * opts.cpus_per_worker)
+            cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or 0) * opts.cpus_per_worker))
             # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
             # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
             # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
@@ -192,7 +171,7 @@ def pipeline(
     detect: bool = True,
     max_faces: int | None = None,
 ) -> Any:
-    """The lazy dataset: ``(file, path)`` rows -> decoding tasks -> the actor pool -> output rows."""
+    """The lazy dataset: ``(file, path)`` rows -> the actor pool (read, decode, predict) -> output rows."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -202,28 +181,12 @@ def pipeline(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
     items = [{"file": str(p.resolve()), "path": s} for p, s in zip(paths, shown, strict=True)]
-    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * (os.cpu_count() or 1))))
-    per_block = max(1, per_block)  # big jobs: a few batches per decoding task; small ones: still parallel
-    threads = max(1, int(opts.cpus_per_worker))
+    workers = pool_size(opts)
+    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers)))
+    per_block = max(1, per_block)  # big jobs: a few batches per actor task; small ones: still spread over the pool
     return (
         # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
-        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
-        .map_batches(
-            decode_files,
-            batch_size=batch_size,
-            fn_kwargs={
-                "spec": predictor.spec.to_dict(),
-                "max_pixels": predictor.max_pixels,
-                "aligner": predictor.loader.aligner if detect else None,
-                "max_faces": max_faces,
-            },
-            num_cpus=1,
-            # A memory request of their own also keeps Ray Data from fusing the decoding into the
-            # actors (it fuses a task into an actor pool with the same resources): decoding stays
-            # in parallel tasks, off the actors' (GPUs') CPUs.
-            memory=DECODE_MEMORY,
-        )
-        .map_batches(
+        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(
             Forward,
             batch_size=batch_size,
             fn_constructor_args=(
@@ -231,15 +194,29 @@ def pipeline(
                 device,
                 predictor.max_pixels,
                 top_k,
-                threads,
+                max(1, int(opts.cpus_per_worker)),
                 opts.runtime,
+                detect,
+                max_faces,
             ),
-            compute=ray.data.ActorPoolStrategy(size=opts.workers),
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=opts.cpus_per_worker,
             num_gpus=opts.gpus_per_worker or None,
             batch_format="numpy",
         )
     )
+
+
+def pool_size(opts: RayOptions) -> int:
+    """``--workers``, else actors that fill the cluster: its CPUs over ``--cpus-per-worker`` (GPUs over
+    ``--num-gpus-per-worker``)."""
+    import ray
+
+    if opts.workers:
+        return opts.workers
+
+    key, each = ("GPU", opts.gpus_per_worker) if opts.gpus_per_worker else ("CPU", opts.cpus_per_worker)
+    return max(1, int(ray.cluster_resources().get(key, 0) // each))
 
 
 def run_ray(

@@ -2,8 +2,8 @@
 
 pytest tests/test_batch_ray.py      (needs the ``ray`` extra: pip install -e '.[dev,ray]')
 
-One local Ray session (``num_cpus=2``, as the issue asks; the engine's pool of one actor leaves one
-CPU to the decoding tasks) serves every in-process test; ``serving.batch`` reuses a running session.
+One local Ray session (``num_cpus=2``, as the issue asks; the engine fills it with a pool of two
+actors) serves every in-process test; ``serving.batch`` reuses a running session.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         arr = rng.integers(0, 256, (24 + i % 7, 30, 3), dtype=np.uint8)
         img = Image.fromarray(arr).convert(["RGB", "L", "RGBA"][i % 3])
         img.save(images / ("sub" if i % 2 else "") / f"img{i:02d}.{'jpg' if img.mode != 'RGBA' else 'png'}")
-    # over serving.batch_decode.RESIZE_ABOVE pixels: resized in the decoding task, normalized in the actor
+    # a large photo (1.1 megapixels) beside the small ones
     big = np.linspace(0, 255, 1100 * 1000 * 3).reshape(1000, 1100, 3).astype(np.uint8)
     Image.fromarray(big).save(images / "sub" / "large.jpg")
     (images / "corrupt.png").write_bytes(b"this is not a png")
@@ -130,7 +130,7 @@ def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tm
 
     photos = mixed_photos(tmp_path / "photos")
     img = astronaut()
-    # over serving.batch_decode.RESIZE_ABOVE pixels: detected at full size, so its box is in the photo's pixels
+    # a large photo: detected at full size, so its box is in the photo's pixels
     canvas = np.full((1000, 1100, 3), 90, np.uint8)
     canvas[300 : 300 + img.shape[0], 400 : 400 + img.shape[1]] = img
     Image.fromarray(canvas).save(photos / "big.png")
@@ -149,6 +149,14 @@ def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tm
         [one["box_x0"], one["box_y0"], one["box_x1"], one["box_y1"]], abs=4
     )
     assert_same_rows(table, expected)
+
+
+def test_the_pool_fills_the_cluster(ray_session: None) -> None:
+    """Without ``--workers``: one actor per CPU (per GPU for GPU actors) of the cluster, here 2 CPUs, no GPU."""
+    assert batch_ray.pool_size(batch_ray.RayOptions()) == 2
+    assert batch_ray.pool_size(batch_ray.RayOptions(cpus_per_worker=0.5)) == 4
+    assert batch_ray.pool_size(batch_ray.RayOptions(cpus_per_worker=3)) == 1  # at least one
+    assert batch_ray.pool_size(batch_ray.RayOptions(workers=3)) == 3
 
 
 def _actor_pids() -> list[int]:
@@ -194,7 +202,7 @@ def test_killed_actor_loses_and_duplicates_no_row(
     monkeypatch.setattr(batch_ray, "progress_bar", KillOnFirstBlock)
     out, local = tmp_path / "out.csv", tmp_path / "local.csv"
     common = ["--model", setup["bundles"]["age"], "--input", listing, "--batch-size", "4"]
-    assert run(*common, "--output", out, "--engine", "ray") == 0
+    assert run(*common, "--output", out, "--engine", "ray", "--workers", "1") == 0  # one actor: a new one must come
     assert killed and killed["done"] < 240, "the actor was not killed mid-job"
     assert seen - {killed["pid"]}, "no new actor took over"
     table = pd.read_csv(out)

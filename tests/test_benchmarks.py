@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -197,6 +198,18 @@ def test_serve_load_summarizes_repeats_and_ratios() -> None:
            "mean_us": 1700.0, "status_counts": {"200": 96, "503": 4}, "no_retry_after_503s": 0}  # fmt: skip
     r = serve_load.wrk_summary(wrk)
     assert r["errors"] == 7 and r["broken"] == 3 and r["requests_per_s"] == 48 and r["p99_ms"] == 9.0
+
+
+def test_train_throughput_reports_the_cpu_time_the_host_stole() -> None:
+    """The share of CPU ticks stolen between two readings; nan when a reading is missing or no time passed."""
+    import train_throughput
+
+    assert train_throughput.stolen_share((10, 1_000), (40, 1_300)) == pytest.approx(0.1)
+    assert math.isnan(train_throughput.stolen_share(None, (40, 1_300)))
+    assert math.isnan(train_throughput.stolen_share((10, 1_000), (10, 1_000)))
+    ticks = train_throughput.cpu_ticks()
+    if Path("/proc/stat").exists():
+        assert ticks is not None and 0 <= ticks[0] <= ticks[1]
 
 
 def test_ceiling_trains_what_the_fit_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

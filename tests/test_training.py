@@ -537,6 +537,14 @@ def test_show_and_export_existing_bundle(trained_run: Path, tmp_path: Path, capf
     assert export_main(["--bundle", str(trained_run / "artifacts/quickstart")]) == 0
 
 
+def test_rich_bar_polls_as_often_as_it_redraws() -> None:
+    """Lightning's rich bar wakes a thread 100 times a second by default; ours as often as it redraws (5)."""
+    from training.callbacks import ThrottledRichProgressBar
+
+    bar = ThrottledRichProgressBar()
+    assert bar.refresh_rate == round(1 / bar.interval) == 5 and bar.is_enabled
+
+
 @pytest.mark.parametrize("bar", [False, True])
 def test_step_loss_is_logged_only_when_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bar: bool) -> None:
     """``train/loss_step`` goes to ``self.log`` on the logger's steps and the bar's redraws, not every step.

@@ -90,7 +90,12 @@ def running(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[tup
 def server(store: dict) -> Iterator[dict]:
     token_file = store["root"] / "tokens.txt"
     token_file.write_text(f"# Svertka API tokens, one a line\n{TOKEN_A}\n\n{TOKEN_B}\n")
-    env = serve_env(store["home"], "auth_clf,auth_age", SVERTKA_API_TOKEN_FILE=str(token_file), SVERTKA_ACCESS_LOG="1")
+    env = serve_env(
+        store["home"],
+        "auth_clf,auth_age",
+        SVERTKA_API_TOKEN_FILE=str(token_file),
+        BENTOML_CONFIG_OPTIONS="services.svertka.logging.access.enabled=true",
+    )
     cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"]
     with running(cmd, env, store["root"] / "serve.log") as (url, log):
         yield {"url": url, "log": log, "token_file": token_file}

@@ -165,10 +165,10 @@ def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path
             return await serve_cpu.send(port, requests, 12, 3)
 
     assert asyncio.run(main()) == 4 and len(seen) == 12  # 4 of 12 answers were 503
-    assert parse_variant("t:SVERTKA_TRACING=1,A=b", serve_cpu.VARIANTS) == (
+    assert parse_variant("t:SVERTKA_MAX_BATCH_SIZE=8,A=b", serve_cpu.VARIANTS) == (
         "t",
         None,
-        {"SVERTKA_TRACING": "1", "A": "b"},
+        {"SVERTKA_MAX_BATCH_SIZE": "8", "A": "b"},
     )
     (tmp_path / "serving").mkdir()
     (tmp_path / "serving" / "service.py").write_text("")

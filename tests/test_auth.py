@@ -221,6 +221,7 @@ def _start_fails(store: dict, models: str, **extra: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # ~10 s; by default test_serving's tampered-graph start and test_bundle's outside-argument refusals
 def test_bundle_with_outside_weights_stops_the_server(store: dict) -> None:
     line = _start_fails(store, "auth_clf,auth_bad")
     assert "'auth_bad:latest'" in line and "architecture argument 'weights' is refused" in line, line

@@ -3,7 +3,7 @@
     python benchmarks/serve_cpu.py                              # simple_cnn, 1000 requests x (1, 32 clients) x 3
     python benchmarks/serve_cpu.py --models simple_cnn,resnet18 --requests 300 --repeats 3
     python benchmarks/serve_cpu.py --breakdown                  # also each server process's share
-    python benchmarks/serve_cpu.py --variant tracing:SVERTKA_TRACING=1 --variant main@../main
+    python benchmarks/serve_cpu.py --variant b8:SVERTKA_MAX_BATCH_SIZE=8 --variant main@../main
         # more services beside ours: one with other settings, one from another checkout (its serving/)
 
 Wall-clock requests/s on a shared machine swing with whatever else runs; the CPU time a server
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         root = data_root(args.data_root)
         if args.torch_threads:  # the plain app reads OMP_NUM_THREADS, the service its own settings
             n = str(args.torch_threads)
-            os.environ.update(OMP_NUM_THREADS=n, SVERTKA_TORCH_THREADS=n, SVERTKA_SOLO_THREADS=n)
+            os.environ.update(OMP_NUM_THREADS=n, SVERTKA_TORCH_THREADS=n)
         with tempfile.TemporaryDirectory(prefix="svertka-serve-cpu-") as tmp:
             os.environ["BENTOML_HOME"] = str(Path(tmp) / "bentoml")  # a private model store, before bentoml loads
             settings = {k: v for k, v in os.environ.items() if k.startswith("SVERTKA_") and k != "SVERTKA_MODELS"}

@@ -7,7 +7,7 @@ The must-show numbers of issue #23 (a quiet 2-core machine; `apt-get install wrk
     python benchmarks/serve_load.py --soak 5                # 64 connections x 5 min on simple_cnn: status
                                                             # codes, worker RSS over time, Retry-After on 503s
     python benchmarks/serve_load.py --quick                 # smoke run: 1 repeat, 2 s runs
-    python benchmarks/serve_load.py --servers service --variant nobal:SVERTKA_BALANCE=0   # ours, a setting off
+    python benchmarks/serve_load.py --servers service --variant b32:SVERTKA_MAX_BATCH_SIZE=8   # ours, a setting changed
     python benchmarks/serve_load.py --servers service --variant old@../main   # ours, from another checkout
 
 Servers (``--servers``), all up at once; each repeat runs every server in turn, the order reversed
@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME[@DIR][:K=V,...]",
-        help="our service again with these settings (nobal:SVERTKA_BALANCE=0) and/or served from the checkout DIR",
+        help="our service again with these settings (b8:SVERTKA_MAX_BATCH_SIZE=8) and/or served from the checkout DIR",
     )
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats (default 5; --quick 1)")
     p.add_argument("--connections", type=int, default=32, help="wrk's keep-alive connections")

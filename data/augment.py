@@ -261,7 +261,7 @@ class BatchAugment:
     """uint8 ``(B, C, H, W)`` at input size -> augmented, normalized float ``(B, C, H, W)``.
 
     Runs ``units`` (from ``split_pipeline``) in order: consecutive geometric ops become one
-    per-sample 3x3 matrix and one ``grid_sample``; brightness/contrast and dropout are tensor ops;
+    per-sample affine map and one ``grid_sample``; brightness/contrast and dropout are tensor ops;
     Normalize (the spec's mean/std) comes last. Random parameters come from one ``torch.Generator``
     on the batch's device (no host round trip); ``state_dict`` / ``load_state_dict`` carry it.
     """
@@ -350,28 +350,35 @@ class BatchAugment:
 
     # ---- application ----
     @staticmethod
-    def matrix(op: Any, params: dict, h: int, w: int) -> torch.Tensor:
-        """Forward map ``(B, 3, 3)`` in pixel coordinates centred at ``((w - 1) / 2, (h - 1) / 2)``."""
-        any_t = next(iter(params.values()))
-        b, dev = any_t.shape[0], any_t.device
-        m = torch.eye(3, device=dev).repeat(b, 1, 1)
+    def matrix(op: Any, params: dict) -> tuple[torch.Tensor, ...]:
+        """Forward map ``(a, b, c, d, e, f)``, each ``(B,)``: ``x' = a x + b y + e``, ``y' = c x + d y + f``, in
+        pixel coordinates centred at ``((w - 1) / 2, (h - 1) / 2)``; elementwise, no tiny matrix products."""
         if isinstance(op, A.RandomCrop):
-            m[:, 0, 2], m[:, 1, 2] = -params["dx"], -params["dy"]
-            return m
+            one, zero = torch.ones_like(params["dx"]), torch.zeros_like(params["dx"])
+            return one, zero, zero, one, -params["dx"], -params["dy"]
         on = params["on"]
+        zero = torch.zeros(on.shape, device=on.device)
+        one, flip = zero + 1.0, torch.where(on, -1.0, 1.0)
         if isinstance(op, A.HorizontalFlip):
-            m[:, 0, 0] = torch.where(on, -1.0, 1.0)
-        elif isinstance(op, A.VerticalFlip):
-            m[:, 1, 1] = torch.where(on, -1.0, 1.0)
-        elif isinstance(op, A.Affine):  # albumentations: T @ R @ S, R = [[cos, sin], [-sin, cos]]
-            a = torch.deg2rad(params["rotate"])
-            c, s = torch.cos(a), torch.sin(a)
-            sx, sy = params["scale_x"], params["scale_y"]
-            aff = m.clone()  # last row stays (0, 0, 1); built on the device, no host copy
-            aff[:, 0, 0], aff[:, 0, 1], aff[:, 0, 2] = c * sx, s * sy, params["tx"]
-            aff[:, 1, 0], aff[:, 1, 1], aff[:, 1, 2] = -s * sx, c * sy, params["ty"]
-            m = torch.where(on[:, None, None], aff, m)
-        return m
+            return flip, zero, zero, one, zero, zero
+        if isinstance(op, A.VerticalFlip):
+            return one, zero, zero, flip, zero, zero
+        # Affine (albumentations: T @ R @ S, R = [[cos, sin], [-sin, cos]]); identity where off
+        rad = torch.deg2rad(params["rotate"])
+        c, s = torch.cos(rad), torch.sin(rad)
+        sx, sy = params["scale_x"], params["scale_y"]
+        m = (c * sx, s * sy, -s * sx, c * sy, params["tx"], params["ty"])
+        return tuple(torch.where(on, v, i) for v, i in zip(m, (one, zero, zero, one, zero, zero), strict=True))
+
+    @staticmethod
+    def compose(later: tuple[torch.Tensor, ...], earlier: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``later`` after ``earlier``, both as ``matrix`` gives them."""
+        a2, b2, c2, d2, e2, f2 = later
+        a1, b1, c1, d1, e1, f1 = earlier
+        return (
+            a2 * a1 + b2 * c1, a2 * b1 + b2 * d1, c2 * a1 + d2 * c1, c2 * b1 + d2 * d1,
+            a2 * e1 + b2 * f1 + e2, c2 * e1 + d2 * f1 + f2,
+        )  # fmt: skip
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x8, y = batch
@@ -379,49 +386,57 @@ class BatchAugment:
         return self.apply(x8, self.sample(b, h, w, x8.device)), y
 
     def apply(self, x8: torch.Tensor, params: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """uint8 ``(B, C, H, W)`` + parameters -> normalized float ``(B, C, H, W)``."""
-        x = x8.float().div_(255.0)  # (B, C, H, W) in [0, 1]
+        """uint8 ``(B, C, H, W)`` + parameters -> normalized float ``(B, C, H, W)``.
+
+        Works in 0..255 (the zero border stays 0) and folds the division by 255 into Normalize.
+        """
+        x = x8.float()  # (B, C, H, W) in [0, 255]
         b, _, h, w = x.shape
         dev = x.device
-        geometry: torch.Tensor | None = None
+        geometry: tuple[torch.Tensor, ...] | None = None
         for unit, p in zip(self.units, params, strict=True):
             op = unit[-1]
             if isinstance(op, (A.RandomCrop, A.HorizontalFlip, A.VerticalFlip, A.Affine)):
-                m = self.matrix(op, p, h, w)
-                geometry = m if geometry is None else m @ geometry  # later ops apply after earlier ones
+                m = self.matrix(op, p)
+                geometry = m if geometry is None else self.compose(m, geometry)  # later ops after earlier ones
                 continue
             x, geometry = self._warp(x, geometry), None
             if isinstance(op, A.RandomBrightnessContrast):
                 alpha = torch.where(p["on"], p["alpha"], 1.0).view(-1, 1, 1, 1)
-                beta = torch.where(p["on"], p["beta"], 0.0).view(-1, 1, 1, 1)
-                x = torch.addcmul(beta, x, alpha).clamp_(0.0, 1.0)
+                beta = torch.where(p["on"], p["beta"] * 255.0, 0.0).view(-1, 1, 1, 1)
+                x = torch.addcmul(beta, x, alpha).clamp_(0.0, 255.0)
             elif isinstance(op, A.CoarseDropout):
                 rows = torch.arange(h, device=dev).view(1, 1, h, 1)
                 cols = torch.arange(w, device=dev).view(1, 1, 1, w)
                 hx0, hy0, hx1, hy1 = (p["holes"][..., k, None, None] for k in range(4))  # (B, n, 1, 1)
-                inside = (rows >= hy0) & (rows < hy1) & (cols >= hx0) & (cols < hx1)  # (B, n, H, W)
-                hole = (inside & p["active"][..., None, None]).any(dim=1) & p["on"].view(-1, 1, 1)
-                x = x.masked_fill(hole[:, None], float(op.fill) / 255.0)
+                live = (p["active"] & p["on"][:, None])[..., None, None]  # (B, n, 1, 1)
+                in_rows = (rows >= hy0) & (rows < hy1) & live  # (B, n, H, 1): the small masks first
+                inside = in_rows & (cols >= hx0) & (cols < hx1)  # (B, n, H, W)
+                hole = inside[:, :1] if inside.shape[1] == 1 else inside.any(dim=1, keepdim=True)  # (B, 1, H, W)
+                x = x.masked_fill_(hole, float(op.fill))
         x = self._warp(x, geometry)
-        if dev not in self._norm:
-            self._norm[dev] = (self.mean.to(dev), self.std.to(dev))
-        mean, std = self._norm[dev]
-        return (x - mean) / std  # (B, C, H, W)
+        if dev not in self._norm:  # (x / 255 - mean) / std as one multiply and one subtraction
+            self._norm[dev] = ((1.0 / (255.0 * self.std)).to(dev), (self.mean / self.std).to(dev))
+        scale, shift = self._norm[dev]
+        return x.mul_(scale).sub_(shift)  # (B, C, H, W)
 
     @staticmethod
-    def _warp(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    def _warp(x: torch.Tensor, m: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """Resample ``x`` through the forward maps ``m`` (bilinear, zero border) in one ``grid_sample``."""
         if m is None:
             return x
         b, _, h, w = x.shape
-        inv = torch.linalg.inv_ex(m).inverse  # output -> input in centred pixels; no error check, no sync
-        # to [-1, 1] coordinates: theta = D inv D^-1 with D = diag(2 / w, 2 / h, 1)
-        theta = inv[:, :2].clone()
-        theta[:, 0, 1] *= h / w
-        theta[:, 1, 0] *= w / h
-        theta[:, 0, 2] *= 2.0 / w
-        theta[:, 1, 2] *= 2.0 / h
-        grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+        a, bb, c, d, e, f = m
+        det = a * d - bb * c
+        ia, ib, ic, id_ = d / det, -bb / det, -c / det, a / det  # output -> input, in centred pixels
+        ie, if_ = -(ia * e + ib * f), -(ic * e + id_ * f)
+        # the sampling grid in [-1, 1] (align_corners=False): one (2B, 3) @ (3, H * W) product
+        theta = torch.stack([ia, ib, ie, ic, id_, if_], dim=-1).view(b, 2, 3)  # in centred pixels
+        theta = theta * torch.tensor([2.0 / w, 2.0 / h], device=x.device).view(1, 2, 1)  # -> [-1, 1]
+        u = torch.arange(w, device=x.device, dtype=x.dtype) - (w - 1) / 2  # centred columns
+        v = torch.arange(h, device=x.device, dtype=x.dtype) - (h - 1) / 2  # centred rows
+        base = torch.stack([u.expand(h, w), v[:, None].expand(h, w), torch.ones_like(u).expand(h, w)])  # (3, H, W)
+        grid = (theta.view(2 * b, 3) @ base.view(3, h * w)).view(b, 2, h, w).permute(0, 2, 3, 1)  # (B, H, W, 2)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

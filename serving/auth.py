@@ -124,35 +124,7 @@ class Tokens:
         return ok and bool(candidate)
 
 
-PROMPT_PAGE = """<!doctype html>
-<html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Svertka: API token</title>
-<style>body{font:16px system-ui,sans-serif;max-width:26rem;margin:15vh auto;padding:0 1rem}
-input,button{font:inherit;padding:.4rem .6rem}input{width:100%;box-sizing:border-box;margin:.6rem 0}
-#msg{color:#b00020}</style>
-<h1>Svertka</h1>
-<p>This server needs an API token. It is kept in this tab only (session storage).</p>
-<form id="form"><input id="token" type="password" autocomplete="off" placeholder="API token" autofocus>
-<button>Open</button></form><p id="msg"></p>
-<script>
-const KEY = "svertka_token", msg = document.getElementById("msg");
-async function open_with(token) {
-  const r = await fetch(location.pathname, {headers: {Authorization: "Bearer " + token, Accept: "text/html"}});
-  if (r.status === 401) { sessionStorage.removeItem(KEY); msg.textContent = "That token was not accepted."; return; }
-  sessionStorage.setItem(KEY, token);
-  const html = await r.text();
-  document.open(); document.write(html); document.close();
-}
-document.getElementById("form").onsubmit = (e) => {
-  e.preventDefault();
-  const token = document.getElementById("token").value.trim();
-  if (token) open_with(token).catch((err) => { msg.textContent = String(err); });
-};
-const saved = sessionStorage.getItem(KEY);
-if (saved) open_with(saved).catch(() => {});
-</script>
-</html>
-"""
+PROMPT_PAGE = (Path(__file__).parent / "static" / "token.html").read_bytes()  # asks a browser for the token
 
 
 class TokenAuthMiddleware:
@@ -180,7 +152,7 @@ class TokenAuthMiddleware:
             scope["method"] in ("GET", "HEAD") and scope["path"] == "/" and b"text/html" in headers.get(b"accept", b"")
         )
         if browser:
-            body, ctype = PROMPT_PAGE.encode(), b"text/html; charset=utf-8"
+            body, ctype = PROMPT_PAGE, b"text/html; charset=utf-8"
         else:
             body, ctype = json.dumps({"error": reason}).encode(), b"application/json"
         await send(

@@ -119,13 +119,14 @@ class AdmissionMiddleware:
     The refusal comes before anything parses the body, so overload costs almost nothing and every queue
     behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
 
-    It also counts the keep-alive client connections (address and port) that made API calls (POST)
-    more than once, the last in the past ``window_s`` (``recent_clients``): a request that never
-    waits is alone in flight however many clients are queued in the socket buffers, so the count of
-    requests in flight alone cannot tell one client from thirty-two. Connections used once (a client
-    that reconnects for every request) are not counted: they would make one such client look like
-    hundreds.
+    The one home of the worker's load (``load()``): the requests in flight here, and the keep-alive
+    client connections that made API calls (POST) more than once, the last in the past ``window_s``
+    (``recent_clients``). A request that never waits is alone in flight however many clients wait in
+    the socket buffers, so in-flight alone cannot tell one client from thirty-two. Connections used
+    once (a client that reconnects for every request) are not counted.
     """
+
+    current: AdmissionMiddleware | None = None  # the one built last in this process (one per worker)
 
     def __init__(
         self,
@@ -136,17 +137,11 @@ class AdmissionMiddleware:
         window_s: float = 1.0,
     ) -> None:
         self.app, self.max_in_flight, self.drain_bytes, self.window_s = app, max_in_flight, drain_bytes, window_s
-        self.in_flight = 0
-        self.refused = 0
+        self.in_flight = self.refused = self.recent_clients = 0
         self.headers = {"Retry-After": str(retry_after_s)}
         self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests (1 or 2+)]
-        self.returning = 0  # entries of seen with 2+ requests
         self.next_prune = 0.0
-
-    @property
-    def recent_clients(self) -> int:
-        """Connections with 2+ requests, the last in the past ``window_s`` (up to ``window_s / 4`` more)."""
-        return self.returning
+        AdmissionMiddleware.current = self
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -160,11 +155,11 @@ class AdmissionMiddleware:
                 entry[0] = now
                 if entry[1] == 1:
                     entry[1] = 2
-                    self.returning += 1
+                    self.recent_clients += 1
         if now >= self.next_prune:
             cutoff = now - self.window_s
             self.seen = {k: v for k, v in self.seen.items() if v[0] >= cutoff}
-            self.returning = sum(1 for v in self.seen.values() if v[1] > 1)
+            self.recent_clients = sum(1 for v in self.seen.values() if v[1] > 1)
             self.next_prune = now + self.window_s / 4
         if self.in_flight >= self.max_in_flight:
             self.refused += 1
@@ -188,6 +183,13 @@ class AdmissionMiddleware:
             if message["type"] != "http.request" or not message.get("more_body"):
                 return
             seen += len(message.get("body", b""))
+
+
+def load() -> int:
+    """How busy this worker is: requests in flight or, if more, keep-alive clients seen lately (0 without
+    admission control). A lone request of a lone client: 1."""
+    admission = AdmissionMiddleware.current
+    return max(admission.in_flight, admission.recent_clients) if admission is not None else 0
 
 
 class Upload(PurePosixPath):

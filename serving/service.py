@@ -7,31 +7,22 @@
     curl localhost:3000/stats           # this worker's batches, requests in flight, refusals
     open http://localhost:3000/         # a page to try every served model in a browser (serving/page.py)
 
-The service is thin: every model is a ``serving.predictor.Predictor`` (the batch script uses the
-same class). An upload's header is read on the event loop; small images (by pixel count, from
-the header) are decoded there too, large ones in a thread pool, and so is the face stage of a
-face model (detect, align: ``data.faces``). Inputs are queued per model; a
-batcher runs the forward pass on whatever has queued up, so concurrent requests share one batched
-forward (in its own thread, or on the event loop when the forward is fast and no other request is
-in flight). Uploads arrive in memory (``serving.guards.Upload``), not as temporary files.
-Settings: ``serving/settings.py``; HTTP guards (body limit, admission control, strict multipart):
-``serving/guards.py``. Bad input gets a 4xx JSON
-``{"error": ...}``, overload a 503 with ``Retry-After``, never a 500. With ``SVERTKA_API_TOKEN``
-or ``SVERTKA_API_TOKEN_FILE`` set, everything but the health endpoints needs
-``Authorization: Bearer <token>`` (``serving/auth.py``).
+Every model is a ``serving.predictor.Predictor`` (the batch script uses the same class). Small
+images decode on the event loop, large ones and the face stage in a thread pool; a ``Batcher`` per
+model runs one forward over whatever has queued up. Settings: ``serving/settings.py``; guards (body
+limit, admission, strict multipart): ``serving/guards.py``; tokens: ``serving/auth.py``. Bad input
+gets a 4xx JSON ``{"error": ...}``, overload a 503 with ``Retry-After``, never a 500. Why each
+mechanism is there, with measurements: docs/SERVING.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import gc
 import math
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,27 +37,22 @@ from starlette.routing import Route
 
 from data.preprocess import ImageError
 from serving import auth, page
-from serving.balance import ConnectionBalancer
-from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, strict_multipart
+from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, load, strict_multipart
 from serving.predictor import Predictor, describe
-from serving.settings import Settings
+from serving.settings import Settings, cpu_count
 
 SETTINGS = Settings.from_env()  # SettingsError: one line from `bentoml serve`, exit status 1
 SETTINGS.check_models()
-ADMISSION: dict[str, AdmissionMiddleware] = {}  # the admission middleware of this worker, once built
 MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_FACES)
+INLINE_PIXELS = 256 * 256  # images up to this many pixels (from the header) decode on the event loop
+INLINE_FORWARD_MS = 2.0  # forwards expected to take at most this run on the event loop when the worker is idle
+FULL_GC_S = 300  # seconds between full garbage collections (docs/SERVING.md, "Garbage collection")
 
 
 def full_collections_every(seconds: float) -> threading.Event:
-    """Run Python's full (generation 2) garbage collections every ``seconds`` instead of when it decides.
-
-    BentoML 1.4's TimeoutMiddleware (always on, no public switch) starts a timer per request that lives
-    for the whole timeout (60 s) and is never cancelled: under load a worker holds ~160k such objects,
-    and CPython ran a full collection over them every ~1.4 s, each stalling the worker 45-140 ms
-    (measured with ``gc.callbacks``; simple_cnn under 32 aiohttp clients: p99/p50 from 1.9 to 4.5 within
-    a minute, 1.8 without). Generations 0 and 1 keep their schedule; reference cycles that reach
-    generation 2 (tens a second) wait for the next timed collection. Set the returned event to stop.
-    """
+    """Python's full (generation 2) collections every ``seconds`` from a thread, not when Python decides:
+    BentoML's per-request 60 s timers made them stall a loaded worker for 45-140 ms every ~1.4 s. Set the
+    returned event to stop."""
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, 1_000_000_000)  # generation 2 only when collected by hand
     stop = threading.Event()
@@ -79,79 +65,16 @@ def full_collections_every(seconds: float) -> threading.Event:
     return stop
 
 
-def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing): the scratch that
-    loading and warming up the models allocated and let go."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class ThreadsByLoad:
-    """``fn`` with torch at ``solo`` threads while this worker serves a single request, ``busy`` threads otherwise.
-
-    Workers get ``CPU count / workers`` threads each so that busy workers don't fight over cores;
-    a lone request would then use one core of an idle machine. The signal is the worker's load
-    (``_load``: requests in flight, keep-alive clients seen lately), not the batch size: under
-    load, small batches are common while many requests wait in decoding.
-
-    A lone request goes solo only when a one-input forward *at the busy thread count* takes at least
-    ``min_solo_ms``: waking more threads for a fast forward costs more than it saves (simple_cnn, one
-    client: p50 ~2.1 ms at 2 threads, ~1.5 ms at 1; docs/RESULTS.md). Only busy-thread timings
-    decide, so a solo forward slowed down by its own spinning threads cannot keep itself solo; every
-    ``resample_every``-th lone forward runs at the busy count to keep them fresh. The estimate is the
-    fastest of the last ``window`` such timings (after ``samples`` of them; the first, cold one is not
-    counted): a model's forward costs the same each time and a machine hiccup only ever adds, so one
-    slow sample cannot send a fast model solo for the next ``resample_every`` requests (a moving
-    average did). Called in the forward thread or on the event loop.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        busy: int,
-        solo: int,
-        min_solo_ms: float = 0.0,
-        resample_every: int = 500,
-        samples: int = 3,
-        window: int = 8,
-    ) -> None:
-        self.fn, self.busy, self.solo, self.min_solo_s = fn, busy, solo, min_solo_ms / 1000
-        self.resample_every, self.samples = resample_every, samples
-        self.busy_times: deque[float] = deque(maxlen=window)  # seconds of recent one-input forwards at `busy`
-        self.busy_singles = self.lone = 0
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        single = len(batch) == 1
-        alone = single and _load() <= 1
-        self.lone += alone
-        resample = self.lone % self.resample_every == 0
-        known = len(self.busy_times) >= self.samples
-        solo = alone and not resample and known and min(self.busy_times) >= self.min_solo_s
-        want = self.solo if solo else self.busy
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
-        if not single or solo:
-            return self.fn(batch)
-        t0 = time.perf_counter()
-        out = self.fn(batch)
-        seconds = time.perf_counter() - t0
-        self.busy_singles += 1
-        if self.busy_singles > 1:  # the first one was cold (allocations, thread pool start): not counted
-            self.busy_times.append(seconds)
-        return out
-
-
 class Batcher:
-    """Collect single inputs into batches for ``fn``, resolve each caller's future.
+    """Collect single inputs into batches for ``fn``; each caller gets its row of the output.
 
-    Requests are served in arrival order (one FIFO queue); the queue is bounded by the admission
-    limit in front of it (``max_queue`` only guards direct use). A batch whose forward is expected
-    (from the measured time per input) to take at most ``inline_ms`` runs on the event loop itself
-    when the worker is otherwise idle (``load()``, requests in flight or clients seen lately, is at
-    most the batch): for a small model the hop to the forward thread and back (a queue, a wake-up of
-    each thread) costs more CPU than the forward. A lone request of a single client (``load() <= 1``)
-    skips even the queue: ``submit`` runs its forward at once. With others in flight the forward
-    thread lets the event loop read and decode them meanwhile, and the next batch is larger.
+    One FIFO queue, bounded by the admission limit in front of it (``max_queue`` only guards direct use).
+    The forward runs in one thread, so the event loop reads and decodes the next requests meanwhile and the
+    next batch is larger. A fast forward (``inline_ms``, from the measured time per input) runs on the event
+    loop instead when the worker holds no more than the batch (``load``): for a small model the hop to the
+    thread and back costs more than the forward, and a lone request then skips even the queue. torch runs
+    at ``threads`` threads, and at ``solo`` for a slow forward of a lone request of a lone client (the
+    machine is otherwise idle: its latency is all that counts).
     """
 
     def __init__(
@@ -162,9 +85,13 @@ class Batcher:
         max_queue: int = 1024,
         inline_ms: float = 0.0,
         load: Callable[[], int] = lambda: 0,
+        threads: int | None = None,
+        solo: int | None = None,
     ) -> None:
         self.fn, self.max_batch_size, self.wait_s, self.max_queue = fn, max_batch_size, wait_ms / 1000, max_queue
         self.inline_s, self.load = inline_ms / 1000, load
+        self.threads = threads or torch.get_num_threads()
+        self.solo = solo or self.threads
         self.item_s = math.inf  # forward seconds per input, measured (a moving average); unknown at first
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
@@ -178,8 +105,7 @@ class Batcher:
             self.queue = asyncio.Queue(self.max_queue)
             self.task = asyncio.get_running_loop().create_task(self._run())
         if not self.running and self.queue.empty() and self.item_s <= self.inline_s and self.load() <= 1:
-            # Alone (one request of one client), and the forward is cheap: run it right here (no queue, no
-            # wake-up of the batcher task). With more clients the queue's wait lets their requests in to join.
+            # Alone, and the forward is cheap: run it right here (no queue, no wake-up of the batcher task).
             self.batches, self.items, self.inline = self.batches + 1, self.items + 1, self.inline + 1
             return self._timed(x[None])[0]
         future = asyncio.get_running_loop().create_future()
@@ -229,26 +155,17 @@ class Batcher:
                     f.set_result(row)
 
     def _timed(self, batch: torch.Tensor) -> torch.Tensor:
-        """``fn(batch)``, its time per input folded into ``item_s``. Never runs twice at once: the fast path in
-        ``submit`` only while ``_run`` is idle, ``_run`` one batch at a time (here or in its one thread)."""
+        """``fn(batch)`` at the thread count for the load, its time per input folded into ``item_s``. Never runs
+        twice at once: the fast path in ``submit`` only while ``_run`` is idle, ``_run`` one batch at a time."""
+        solo = len(batch) == 1 and self.item_s > self.inline_s and self.load() <= 1
+        want = self.solo if solo else self.threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
         t0 = time.perf_counter()
         out = self.fn(batch)
         per_item = (time.perf_counter() - t0) / len(batch)
         self.item_s = per_item if self.item_s == math.inf else 0.8 * self.item_s + 0.2 * per_item
         return out
-
-
-def _load() -> int:
-    """How busy this worker is: the requests it holds now (decoding, queued or in a forward pass) or, if more,
-    the keep-alive client connections it served lately (``AdmissionMiddleware.recent_clients``); 0 without
-    admission control.
-
-    Both count: a request that never waits (small image, fast forward) is alone in flight even while
-    thirty-one other clients' requests wait in the socket buffers; treated as alone, each would then
-    skip the queue, and no batch would ever form.
-    """
-    admission = ADMISSION.get("this")
-    return max(admission.in_flight, admission.recent_clients) if admission is not None else 0
 
 
 async def _get_models(request: Request) -> JSONResponse:
@@ -281,11 +198,12 @@ ModelReferences = type("ModelReferences", (), {f"model_{i}": ref for i, ref in e
     name="svertka",
     workers=SETTINGS.workers,
     traffic={"timeout": 60},
-    logging={"access": {"enabled": SETTINGS.access_log}},
-    metrics={"enabled": SETTINGS.metrics},
-    # SVERTKA_TRACING=0: every URL is excluded from tracing, so OpenTelemetry's middleware hands each request
-    # straight on (BentoML 1.4 always installs it; excluded_urls is its documented off switch per URL).
-    tracing={} if SETTINGS.tracing else {"excluded_urls": ".*"},
+    # Off by default, each costs every request CPU (docs/SERVING.md); BentoML's own config turns them on,
+    # e.g. BENTOML_CONFIG_OPTIONS="services.svertka.metrics.enabled=true". Tracing: every URL is excluded,
+    # the documented off switch of the OpenTelemetry middleware BentoML always installs.
+    logging={"access": {"enabled": False}},
+    metrics={"enabled": False},
+    tracing={"excluded_urls": ".*"},
     envs=[{"name": "SVERTKA_MODELS", "value": ",".join(SETTINGS.models)}],
 )
 @bentoml.asgi_app(info_app, path="/")
@@ -301,33 +219,31 @@ class Svertka(ModelReferences):
         self.batchers: dict[str, Batcher] = {}
         self.models_info: list[dict[str, Any]] = []  # what GET /models shows: fixed here, at start
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        s = SETTINGS
         for configured, ref in self.bento_models.items():
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
-            s = SETTINGS
             pred = Predictor(stored.path, s.device, s.max_pixels, runtime=s.runtime)
-            pred.warm_up(SETTINGS.max_batch_size)
-            if pred.onnx is not None:  # ONNX Runtime: a session per thread count; the lone requests' one now too
-                pred.onnx.session(s.solo_threads)
+            pred.warm_up(s.max_batch_size)
             self.predictors[full] = pred
-            forward = ThreadsByLoad(pred.predict_tensors, s.torch_threads, s.solo_threads, s.inline_forward_ms)
+            solo = min(cpu_count(), s.workers * s.torch_threads)  # a lone request of a lone client: every thread
+            if pred.onnx is not None:  # ONNX Runtime: one session per thread count, the lone requests' one now too
+                pred.onnx.session(solo)
             self.batchers[full] = Batcher(
-                forward, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, s.inline_forward_ms, _load
-            )
+                pred.predict_tensors, s.max_batch_size, s.batch_wait_ms, s.max_in_flight, INLINE_FORWARD_MS, load,
+                threads=s.torch_threads, solo=solo,
+            )  # fmt: skip
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
-            info = {"tag": full, "configured_as": configured, **describe(pred.meta, SETTINGS.max_pixels)}
+            info = {"tag": full, "configured_as": configured, **describe(pred.meta, s.max_pixels)}
             info["runtime"] = pred.runtime  # "onnx" (ONNX Runtime over model.onnx) or "torch"
-            info["input"]["max_body_bytes"] = SETTINGS.max_body_bytes
+            info["input"]["max_body_bytes"] = s.max_body_bytes
             self.models_info.append(info)
-        # Everything loaded so far (BentoML, torch, pydantic: a million objects) lives as long as the
-        # worker: freeze it out of the garbage collector, whose full passes would otherwise stall
-        # every in-flight request for hundreds of milliseconds (the p99 under load).
+        # Everything loaded so far (BentoML, torch, pydantic: a million objects) lives as long as the worker:
+        # out of the collector's sight, and full collections on a timer (docs/SERVING.md, "Garbage collection").
         gc.collect()
-        _trim_heap()
         gc.freeze()
-        if SETTINGS.full_gc_s:
-            full_collections_every(SETTINGS.full_gc_s)
+        full_collections_every(FULL_GC_S)
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters: forward batches and their mean size, requests in flight, clients seen in the
@@ -335,7 +251,7 @@ class Svertka(ModelReferences):
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
         inline = sum(b.inline for b in self.batchers.values())
-        admission = ADMISSION.get("this")
+        admission = AdmissionMiddleware.current
         return {
             "pid": os.getpid(),
             "batches": batches,
@@ -367,7 +283,7 @@ class Svertka(ModelReferences):
     async def _predict(self, tag: str, pred: Predictor, image: Path, top_k: int) -> dict[str, Any] | JSONResponse:
         try:
             img = pred.loader.open(image.read_bytes())  # header only: size checked, nothing decoded
-            if img.width * img.height <= SETTINGS.inline_pixels:  # small: a thread hop costs more than decoding
+            if img.width * img.height <= INLINE_PIXELS:  # small: a thread hop costs more than decoding
                 x = pred.loader.load_opened(img)  # decode + preprocess: (C, h, w)
             else:  # large: decode in a thread so the event loop keeps serving everyone else
                 x = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.loader.load_opened, img)
@@ -410,7 +326,7 @@ class Svertka(ModelReferences):
         args = (max_faces or MAX_FACES, detect)
         try:
             img = pred.loader.open(image.read_bytes())  # header only: size checked, nothing decoded
-            if not (pred.uses_faces and detect) and img.width * img.height <= SETTINGS.inline_pixels:
+            if not (pred.uses_faces and detect) and img.width * img.height <= INLINE_PIXELS:
                 prep = pred.prepare(img, *args)  # small, no detection: a thread hop costs more
             else:  # decode + detect + align + preprocess in a thread, off the event loop
                 prep = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.prepare, img, *args)
@@ -430,21 +346,11 @@ class Svertka(ModelReferences):
         return JSONResponse({"models": self.models_info})
 
 
-class _Admission(AdmissionMiddleware):
-    """The admission middleware, registered where ``Svertka.stats`` finds it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        ADMISSION["this"] = self
-
-
 # Outermost first: refuse a missing token and overload before anything reads the body, then the body limit.
 TOKENS = auth.startup()
 if TOKENS is not None:  # no token configured: no layer at all (each costs every request a little)
     Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=TOKENS)
-Svertka.add_asgi_middleware(_Admission, max_in_flight=SETTINGS.max_in_flight)
-if SETTINGS.balance and SETTINGS.workers > 1:
-    Svertka.add_asgi_middleware(ConnectionBalancer, workers=SETTINGS.workers)
+Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=SETTINGS.max_in_flight)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
 # What a 404 names: the APIs (POST), the GET routes of info_app (the page at /, OpenAPI at /docs), the probe.
 ENDPOINTS = ", ".join(

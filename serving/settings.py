@@ -11,21 +11,16 @@ exits 1, without a traceback.
     SVERTKA_MODELS            comma-separated BentoML model tags            (quickstart:latest)
     SVERTKA_WORKERS           worker processes                              (CPU count, 1 with a GPU)
     SVERTKA_TORCH_THREADS     torch threads per worker                      (CPU count / workers)
-    SVERTKA_SOLO_THREADS      torch threads for a lone request in a worker  (CPU count)
+    SVERTKA_DEVICE            cpu, cuda, cuda:1, ...                        (cuda when available)
+    SVERTKA_RUNTIME           onnx, torch, or auto: ONNX Runtime on a CPU when the bundle has model.onnx (auto)
     SVERTKA_MAX_BATCH_SIZE    largest forward batch                         (32)
     SVERTKA_BATCH_WAIT_MS     how long a batch waits for more requests      (0: take what is queued)
     SVERTKA_MAX_IN_FLIGHT     requests one worker holds at once; past it 503 (64)
     SVERTKA_MAX_BODY_BYTES    largest request body                          (20 MiB)
     SVERTKA_MAX_PIXELS        largest image (width x height), from its header (40 M)
-    SVERTKA_INLINE_PIXELS     images up to this many pixels decode on the event loop (65536)
-    SVERTKA_INLINE_FORWARD_MS forward passes expected to take at most this run on the event loop (2)
-    SVERTKA_BALANCE           1: even out keep-alive connections across workers (1)
-    SVERTKA_DEVICE            cpu, cuda, cuda:1, ...                        (cuda when available)
-    SVERTKA_ACCESS_LOG        1: log every request                          (0)
-    SVERTKA_METRICS           1: Prometheus metrics at /metrics             (0)
-    SVERTKA_TRACING           1: BentoML's OpenTelemetry middleware on each request (0)
-    SVERTKA_FULL_GC_S         seconds between full garbage collections; 0: Python's own schedule (300)
-    SVERTKA_RUNTIME           onnx, torch, or auto: ONNX Runtime on a CPU when the bundle has model.onnx (auto)
+
+Access log, Prometheus metrics and tracing are BentoML's own settings, off here by default (each costs
+every request CPU): ``BENTOML_CONFIG_OPTIONS="services.svertka.metrics.enabled=true"`` (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -79,21 +74,13 @@ class Settings:
     models: tuple[str, ...]
     workers: int
     torch_threads: int
-    solo_threads: int
+    device: str | None
+    runtime: str
     max_batch_size: int
     batch_wait_ms: int
     max_in_flight: int
     max_body_bytes: int
     max_pixels: int
-    inline_pixels: int
-    inline_forward_ms: int
-    balance: bool
-    device: str | None
-    access_log: bool
-    metrics: bool
-    tracing: bool
-    full_gc_s: int
-    runtime: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,32 +96,13 @@ class Settings:
             models=models,
             workers=workers,
             torch_threads=_int(env, "SVERTKA_TORCH_THREADS", max(1, cpu_count() // workers), minimum=1),
-            # A worker holding one request is not busy: let a lone request use every core.
-            solo_threads=_int(env, "SVERTKA_SOLO_THREADS", cpu_count(), minimum=1),
+            device=device,
+            runtime=_runtime(env, device),
             max_batch_size=_int(env, "SVERTKA_MAX_BATCH_SIZE", 32, minimum=1),
             batch_wait_ms=_int(env, "SVERTKA_BATCH_WAIT_MS", 0),
             max_in_flight=_int(env, "SVERTKA_MAX_IN_FLIGHT", 64, minimum=1),
             max_body_bytes=_int(env, "SVERTKA_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1),
             max_pixels=_int(env, "SVERTKA_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
-            inline_pixels=_int(env, "SVERTKA_INLINE_PIXELS", 256 * 256),
-            # A small model's forward (simple_cnn: ~0.3 ms) costs less than the hop to a thread and back.
-            inline_forward_ms=_int(env, "SVERTKA_INLINE_FORWARD_MS", 2),
-            balance=_int(env, "SVERTKA_BALANCE", 1) > 0,
-            device=device,
-            # BentoML's per-request access log line and Prometheus metrics cost ~1 ms of CPU per
-            # request, 20% of a small model's whole cost: off unless asked for.
-            access_log=_int(env, "SVERTKA_ACCESS_LOG", 0) > 0,
-            metrics=_int(env, "SVERTKA_METRICS", 0) > 0,
-            # BentoML runs every request through OpenTelemetry's ASGI middleware (spans for the request
-            # and each message sent) even at its default sample rate of 0, which records nothing: 0.5-0.7
-            # ms of CPU per request (docs/RESULTS.md). Off unless asked for (with a tracing exporter configured).
-            tracing=_int(env, "SVERTKA_TRACING", 0) > 0,
-            # Python's automatic full collections scanned BentoML's per-request 60 s timers (~160k objects
-            # per worker under load) every ~1.4 s, stalling the worker 45-140 ms each time (docs/SERVING.md).
-            full_gc_s=_int(env, "SVERTKA_FULL_GC_S", 300),
-            # ONNX Runtime over the bundle's model.onnx (serving.predictor), the one optimized CPU path:
-            # resnet18 1.2-1.9x the speed of the TorchScript forward it replaced
-            runtime=_runtime(env, device),
         )
 
     def check_models(self) -> None:

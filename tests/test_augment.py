@@ -130,6 +130,21 @@ def test_coarse_dropout_matches_albumentations(fill: int, c: int) -> None:
     assert set(d["active"].sum(1).tolist()) == {1, 2}
 
 
+def test_chained_geometry_matches_albumentations_in_order() -> None:
+    """Pad + crop, a flip and an Affine become one warp; inside the frame it equals albumentations' three steps."""
+    imgs = _images(1)
+    pad = A.PadIfNeeded(min_height=H + 4, min_width=W + 4, border_mode=cv2.BORDER_CONSTANT, fill=0)
+    crop, flip = A.RandomCrop(height=H, width=W), A.HorizontalFlip(p=1.0)
+    affine = A.Affine(rotate=(12.0, 12.0), scale=(1.1, 1.1), translate_px=(1, 1), border_mode=cv2.BORDER_CONSTANT, p=1)
+    cropped = [crop.apply(pad(image=im)["image"], crop_coords=(3, 1, 3 + W, 1 + H)) for im in imgs]
+    refs = [affine(image=flip(image=im)["image"])["image"] for im in cropped]
+    engine = _engine([[pad, crop], [flip], [affine]], 1)
+    params = engine.sample(len(imgs), H, W, torch.device("cpu"))
+    params[0] = {"dx": torch.full((4,), 1.0), "dy": torch.full((4,), -1.0)}  # crop at (3, 1) of the padded image
+    # one warp samples what the separate steps first cut off: compare away from the frame's edge
+    _close(_engine_out(engine, imgs, params), np.stack(refs), tol=3.0, border=4)
+
+
 def test_probability_and_identity_when_off() -> None:
     imgs = _images(1, b=64)
     op = A.HorizontalFlip(p=0.3)

@@ -90,7 +90,12 @@ def running(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[tup
 def server(store: dict) -> Iterator[dict]:
     token_file = store["root"] / "tokens.txt"
     token_file.write_text(f"# Svertka API tokens, one a line\n{TOKEN_A}\n\n{TOKEN_B}\n")
-    env = serve_env(store["home"], "auth_clf,auth_age", SVERTKA_API_TOKEN_FILE=str(token_file), SVERTKA_ACCESS_LOG="1")
+    env = serve_env(
+        store["home"],
+        "auth_clf,auth_age",
+        SVERTKA_API_TOKEN_FILE=str(token_file),
+        BENTOML_CONFIG_OPTIONS="services.svertka.logging.access.enabled=true",
+    )
     cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"]
     with running(cmd, env, store["root"] / "serve.log") as (url, log):
         yield {"url": url, "log": log, "token_file": token_file}
@@ -216,6 +221,7 @@ def _start_fails(store: dict, models: str, **extra: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # ~10 s; by default test_serving's tampered-graph start and test_bundle's outside-argument refusals
 def test_bundle_with_outside_weights_stops_the_server(store: dict) -> None:
     line = _start_fails(store, "auth_clf,auth_bad")
     assert "'auth_bad:latest'" in line and "architecture argument 'weights' is refused" in line, line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -165,10 +166,10 @@ def test_cpu_benchmark_sends_each_request_once_and_reconnects_when_told(tmp_path
             return await serve_cpu.send(port, requests, 12, 3)
 
     assert asyncio.run(main()) == 4 and len(seen) == 12  # 4 of 12 answers were 503
-    assert parse_variant("t:SVERTKA_TRACING=1,A=b", serve_cpu.VARIANTS) == (
+    assert parse_variant("t:SVERTKA_MAX_BATCH_SIZE=8,A=b", serve_cpu.VARIANTS) == (
         "t",
         None,
-        {"SVERTKA_TRACING": "1", "A": "b"},
+        {"SVERTKA_MAX_BATCH_SIZE": "8", "A": "b"},
     )
     (tmp_path / "serving").mkdir()
     (tmp_path / "serving" / "service.py").write_text("")
@@ -197,6 +198,18 @@ def test_serve_load_summarizes_repeats_and_ratios() -> None:
            "mean_us": 1700.0, "status_counts": {"200": 96, "503": 4}, "no_retry_after_503s": 0}  # fmt: skip
     r = serve_load.wrk_summary(wrk)
     assert r["errors"] == 7 and r["broken"] == 3 and r["requests_per_s"] == 48 and r["p99_ms"] == 9.0
+
+
+def test_train_throughput_reports_the_cpu_time_the_host_stole() -> None:
+    """The share of CPU ticks stolen between two readings; nan when a reading is missing or no time passed."""
+    import train_throughput
+
+    assert train_throughput.stolen_share((10, 1_000), (40, 1_300)) == pytest.approx(0.1)
+    assert math.isnan(train_throughput.stolen_share(None, (40, 1_300)))
+    assert math.isnan(train_throughput.stolen_share((10, 1_000), (10, 1_000)))
+    ticks = train_throughput.cpu_ticks()
+    if Path("/proc/stat").exists():
+        assert ticks is not None and 0 <= ticks[0] <= ticks[1]
 
 
 def test_ceiling_trains_what_the_fit_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ and a clear ``BundleError`` naming the file for every way a bundle can be broken
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     assert meta.metrics == {"val_acc": 0.5} and meta.weights_sha256 == sha256_file(out / WEIGHTS_FILE)
 
 
+@pytest.mark.slow  # ~12 s; by default test_round_trip (every architecture) and, in a fresh process without
+# Lightning, test_training's test_bundle_matches_lightning_module_without_lightning check the same
 def test_round_trip_in_a_fresh_process_without_lightning(tmp_path: Path) -> None:
     expected = {}
     x = torch.randn(2, 1, 28, 28)
@@ -92,10 +95,18 @@ print(json.dumps(out))
         assert torch.allclose(torch.tensor(got[name]), torch.tensor(expected[name]), atol=1e-6), name
 
 
-@pytest.fixture()
-def bundle(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def saved_lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lenet5 bundle written once (its ONNX export and check are the cost); tests get a copy."""
+    torch.manual_seed(0)
     net, kwargs = _trained_like("lenet5")
-    return _save(tmp_path / "lenet", "lenet5", net, kwargs)
+    return _save(tmp_path_factory.mktemp("saved") / "lenet", "lenet5", net, kwargs)
+
+
+@pytest.fixture()
+def bundle(tmp_path: Path, saved_lenet: Path) -> Path:
+    """A fresh copy of ``saved_lenet`` that the test may break."""
+    return Path(shutil.copytree(saved_lenet, tmp_path / "lenet"))
 
 
 def _set_meta(bundle: Path, **changes) -> None:

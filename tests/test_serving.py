@@ -6,6 +6,7 @@ as a subprocess, every endpoint and every kind of bad input exercised over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -911,54 +912,44 @@ def test_batcher_runs_fast_forwards_on_the_event_loop_and_slow_ones_in_its_threa
     assert all(t.startswith("forward") for t in threads["slow"]) and slow.inline == 0
 
 
-def test_threads_by_load_goes_solo_only_for_slow_forwards(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lone request's forward gets every thread only when, timed at the busy thread count, it is slow."""
-    from types import SimpleNamespace
+def test_batcher_gives_a_lone_slow_forward_every_thread(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One input of a lone client runs at ``solo`` threads when its forward is slow (or not yet timed); a fast
+    forward, a batch, or a worker with other clients: ``threads``."""
 
-    def forward(seconds: float, seen: list[int], slow_when_solo: float = 0.0):
+    def forward(seconds: float, seen: list[tuple[int, int]]):
         def fn(batch: torch.Tensor) -> torch.Tensor:
-            seen.append(torch.get_num_threads())
-            time.sleep(seconds if torch.get_num_threads() == 1 else slow_when_solo or seconds)
+            seen.append((len(batch), torch.get_num_threads()))
+            time.sleep(seconds)
             return batch
 
         return fn
 
+    load = [1]  # one request, one client
+
+    async def main(batcher, steps: list[int | str]) -> None:
+        for step in steps:
+            if isinstance(step, str):  # "busy": other clients came
+                load[0] = 5
+                continue
+            await asyncio.gather(*(batcher.submit(torch.zeros(1, 2, 2)) for _ in range(step)))
+
     threads = torch.get_num_threads()
-    one = torch.zeros(1, 1, 2, 2)
+    slow_seen: list[tuple[int, int]] = []
+    fast_seen: list[tuple[int, int]] = []
     with service_module(store, monkeypatch) as service:
         try:
-            service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=1)  # one request, one client
-            # fast at 1 thread, slow at 2 (its threads spin on a busy machine): timed at 1, it never goes solo
-            # (a 1 s threshold: no hiccup of the machine makes the fast one look slow)
-            fast_seen: list[int] = []
-            fast = service.ThreadsByLoad(forward(0.0, fast_seen, 1.5), busy=1, solo=2, min_solo_ms=1000)
-            slow_seen: list[int] = []
-            slow = service.ThreadsByLoad(forward(0.03, slow_seen), busy=1, solo=2, min_solo_ms=5, resample_every=5)
-            # fast, but its first timed forward hits a hiccup (20 ms): the fastest recent timing still says fast
-            # (a moving average started at 20 ms went solo, and stayed there until its next re-timing)
-            hiccup_seen: list[int] = []
-            hiccups = iter([0, 0.02] + [0] * 20)
-
-            def hiccup_fn(batch: torch.Tensor) -> torch.Tensor:
-                hiccup_seen.append(torch.get_num_threads())
-                time.sleep(next(hiccups))
-                return batch
-
-            hiccup = service.ThreadsByLoad(hiccup_fn, busy=1, solo=2, min_solo_ms=10, samples=2)
-            for _ in range(10):
-                fast(one)
-                slow(one)
-                hiccup(one)
-            slow(torch.zeros(4, 1, 2, 2))  # a batch: busy threads whatever its speed
-            service.ADMISSION["this"] = SimpleNamespace(in_flight=1, recent_clients=5)  # other clients: busy
-            slow(one)
+            # "slow" sleeps 4x its 5 ms allowance; "fast" gets a 1 s allowance, fast whatever the machine's load
+            slow = service.Batcher(forward(0.02, slow_seen), 4, 0, inline_ms=5, load=lambda: load[0], threads=1, solo=2)
+            asyncio.run(main(slow, [1, 1, 4, "busy", 1]))
+            load[0] = 1
+            fast = service.Batcher(
+                forward(0.0, fast_seen), 4, 0, inline_ms=1000, load=lambda: load[0], threads=1, solo=2
+            )
+            asyncio.run(main(fast, [1, 1, 1]))
         finally:
-            service.ADMISSION.pop("this", None)
             torch.set_num_threads(threads)
-    assert fast_seen == [1] * 10 and hiccup_seen == [1] * 10
-    # timed at the busy count 4 times (the first cold, not counted; then 3 samples), then solo; the 5th and
-    # 10th lone forwards re-time at the busy count
-    assert slow_seen == [1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1]
+    assert slow_seen == [(1, 2), (1, 2), (4, 1), (1, 1)]
+    assert fast_seen == [(1, 2), (1, 1), (1, 1)]  # the first one's time is unknown: as if slow
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -1001,7 +992,7 @@ def test_bentoml_build_packs_service_and_models(store: dict) -> None:
 
 
 def test_full_collections_run_on_a_timer_not_on_pythons_schedule(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SVERTKA_FULL_GC_S: Python's automatic full collections are off; a thread runs one every N seconds."""
+    """Python's automatic full collections are off; a thread runs one every N seconds."""
     import gc
 
     full: list[float] = []

@@ -289,10 +289,16 @@ def _same_bundle_format(plain: Path, other: Path) -> None:
         assert wb[k].is_contiguous(), k
 
 
+@pytest.fixture(scope="module")
+def plain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle of ``_fit_and_export`` without speed options, fitted once for the tests that compare with it."""
+    return _fit_and_export(tmp_path_factory.mktemp("plain"), "plain")
+
+
 @pytest.mark.parametrize("compile_net", [False, True], ids=["channels_last+bf16", "compiled"])
-def test_speed_options_give_the_same_bundle(tmp_path: Path, compile_net: bool) -> None:
+def test_speed_options_give_the_same_bundle(tmp_path: Path, compile_net: bool, plain_bundle: Path) -> None:
     """channels_last, bf16-mixed (CPU autocast) and torch.compile change the speed, not the bundle."""
-    plain = _fit_and_export(tmp_path, "plain")
+    plain = plain_bundle
     if compile_net:
         fast = _fit_and_export(tmp_path, "fast", compile_net=True)
     else:
@@ -311,9 +317,9 @@ def test_speed_options_give_the_same_bundle(tmp_path: Path, compile_net: bool) -
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_options_train_and_give_the_same_bundle(tmp_path: Path) -> None:
+def test_gpu_options_train_and_give_the_same_bundle(tmp_path: Path, plain_bundle: Path) -> None:
     """On a GPU: bf16-mixed, channels_last, torch.compile, pinned memory, persistent workers; same bundle."""
-    plain = _fit_and_export(tmp_path, "plain")
+    plain = plain_bundle
     fast = _fit_and_export(
         tmp_path, "gpu", accelerator="gpu", precision="bf16-mixed", channels_last=True, compile_net=True,
         num_workers=2, pin_memory=True,
@@ -356,15 +362,32 @@ def test_config_fast_dev_run(cfg_path: Path, tmp_path: Path, monkeypatch: pytest
     assert main(args) == 0
 
 
+UTKFACE_FILES = 600  # real UTKFace chips for the recipes' 2 batches (all 19,362 decode in ~50 s on 2 cores)
+
+
+def _utkface_subset(out: Path) -> Path:
+    """A data root whose UTKFace/ links ~UTKFACE_FILES real chips spread over the sorted names (all ages)."""
+    files = sorted((Path(os.environ["DATASETS_DIR"]) / "UTKFace").glob("*.jpg"))
+    step = max(1, len(files) // UTKFACE_FILES)
+    (out / "UTKFace").mkdir(parents=True)
+    for f in files[::step]:
+        (out / "UTKFace" / f.name).symlink_to(f)
+    return out
+
+
 @pytest.mark.datasets
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_fast_dev_run_real_data(cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each recipe as written trains 2 batches on the real data set (no pretrained download, batches of 32)."""
+    """Each recipe as written trains 2 batches on the real data set (no pretrained download, batches of 32;
+    UTKFace: a spread subset of its real chips, decoded into the test's own cache)."""
     monkeypatch.setenv("SVERTKA_OUTPUT_DIR", str(tmp_path))
-    cfg = tmp_path / cfg_path.name
-    cfg.write_text(yaml.safe_dump(_offline(yaml.safe_load(cfg_path.read_text()))))
-    args = ["fit", "-c", str(cfg), "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu",
+    cfg = _offline(yaml.safe_load(cfg_path.read_text()))
+    args = ["fit", "-c", str(tmp_path / cfg_path.name), "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu",
             "--data.init_args.batch_size", "32"]  # fmt: skip
+    if cfg["data"]["class_path"].endswith("UTKFaceDataModule"):
+        cfg["data"]["init_args"]["cache_dir"] = str(tmp_path / "cache")
+        args += ["--data.root", str(_utkface_subset(tmp_path / "data"))]
+    (tmp_path / cfg_path.name).write_text(yaml.safe_dump(cfg))
     assert main(args) == 0
 
 
@@ -535,6 +558,14 @@ def test_show_and_export_existing_bundle(trained_run: Path, tmp_path: Path, capf
     assert export_main(["--bundle", str(tmp_path / "nope")]) == 2
     assert "nope" in capfd.readouterr().err
     assert export_main(["--bundle", str(trained_run / "artifacts/quickstart")]) == 0
+
+
+def test_rich_bar_polls_as_often_as_it_redraws() -> None:
+    """Lightning's rich bar wakes a thread 100 times a second by default; ours as often as it redraws (5)."""
+    from training.callbacks import ThrottledRichProgressBar
+
+    bar = ThrottledRichProgressBar()
+    assert bar.refresh_rate == round(1 / bar.interval) == 5 and bar.is_enabled
 
 
 @pytest.mark.parametrize("bar", [False, True])

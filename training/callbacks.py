@@ -325,7 +325,14 @@ class _Throttled:
 
 
 class ThrottledRichProgressBar(_Throttled, RichProgressBar):
-    """Lightning's default (rich) bar, redrawn at most 5 times a second during training."""
+    """Lightning's default (rich) bar, redrawn at most 5 times a second during training.
+
+    Its refresh thread polls at ``refresh_rate`` per second (Lightning's default: 100, a wake-up
+    every 10 ms that preempts a busy training thread); 5 matches the redraws.
+    """
+
+    def __init__(self, refresh_rate: int = 5, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
 
 
 class ThrottledTQDMProgressBar(_Throttled, TQDMProgressBar):

@@ -26,6 +26,7 @@ every request CPU): ``BENTOML_CONFIG_OPTIONS="services.svertka.metrics.enabled=t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,6 +35,17 @@ from bentoml.exceptions import BentoMLException
 from data.preprocess import DEFAULT_MAX_PIXELS
 
 DEFAULT_MODELS = "quickstart:latest"
+_BENTOML = "BENTOML_CONFIG_OPTIONS=services.svertka."
+REMOVED = {  # settings of earlier versions -> what to do now (a warning at start, not an error)
+    "SVERTKA_ACCESS_LOG": f"set {_BENTOML}logging.access.enabled=true",
+    "SVERTKA_METRICS": f"set {_BENTOML}metrics.enabled=true",
+    "SVERTKA_TRACING": f"set {_BENTOML}tracing.excluded_urls=null",
+    **dict.fromkeys(
+        ["SVERTKA_BALANCE", "SVERTKA_SOLO_THREADS", "SVERTKA_INLINE_PIXELS", "SVERTKA_INLINE_FORWARD_MS",
+         "SVERTKA_FULL_GC_S"],
+        "it is gone (docs/SERVING.md, 'Measuring it')",
+    ),
+}  # fmt: skip
 
 
 class SettingsError(BentoMLException):
@@ -86,6 +98,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Parse ``env`` (default ``os.environ``); ``SettingsError`` on the first bad value."""
         env = os.environ if env is None else env
+        for name in sorted(REMOVED.keys() & env.keys()):
+            print(f"warning: {name} is no longer read: {REMOVED[name]}", file=sys.stderr, flush=True)
         models = parse_tags(env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS)
         if not models:
             raise SettingsError("SVERTKA_MODELS names no model")

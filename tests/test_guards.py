@@ -125,6 +125,16 @@ def test_admission_counts_the_clients_of_the_last_window() -> None:
     assert load() == 1  # the worker's load: the last admission built, one client left, nothing in flight
 
 
+def test_removed_settings_say_what_to_use_instead(capsys: pytest.CaptureFixture[str]) -> None:
+    Settings.from_env({"SVERTKA_DEVICE": "cpu", "SVERTKA_ACCESS_LOG": "1", "SVERTKA_BALANCE": "0"})
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: SVERTKA_ACCESS_LOG is no longer read: set "
+        "BENTOML_CONFIG_OPTIONS=services.svertka.logging.access.enabled=true",
+        "warning: SVERTKA_BALANCE is no longer read: it is gone (docs/SERVING.md, 'Measuring it')",
+    ]
+
+
 def test_settings_parse_once_with_one_clear_error() -> None:
     s = Settings.from_env({"SVERTKA_MODELS": "a, b:v1,a", "SVERTKA_WORKERS": "2", "SVERTKA_DEVICE": "cpu"})
     assert s.models == ("a:latest", "b:v1") and s.workers == 2 and s.max_in_flight == 64

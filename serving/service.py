@@ -220,13 +220,13 @@ class Svertka(ModelReferences):
         self.models_info: list[dict[str, Any]] = []  # what GET /models shows: fixed here, at start
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         s = SETTINGS
+        solo = min(cpu_count(), s.workers * s.torch_threads)  # a lone request of a lone client: every thread
         for configured, ref in self.bento_models.items():
             stored = ref.resolve()  # 'name:latest' -> the version in the store now, once
             full = str(stored.tag)
             pred = Predictor(stored.path, s.device, s.max_pixels, runtime=s.runtime)
             pred.warm_up(s.max_batch_size)
             self.predictors[full] = pred
-            solo = min(cpu_count(), s.workers * s.torch_threads)  # a lone request of a lone client: every thread
             if pred.onnx is not None:  # ONNX Runtime: one session per thread count, the lone requests' one now too
                 pred.onnx.session(solo)
             self.batchers[full] = Batcher(

@@ -98,7 +98,10 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Parse ``env`` (default ``os.environ``); ``SettingsError`` on the first bad value."""
         env = os.environ if env is None else env
-        for name in sorted(REMOVED.keys() & env.keys()):
+        import bentoml
+
+        # once, from `bentoml serve` itself (or a direct call): not again from every worker
+        for name in sorted(REMOVED.keys() & env.keys()) if bentoml.server_context.worker_index is None else []:
             print(f"warning: {name} is no longer read: {REMOVED[name]}", file=sys.stderr, flush=True)
         models = parse_tags(env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS)
         if not models:

@@ -160,19 +160,15 @@ class TokenAuthMiddleware:
         return None, True
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and "localhost" reach only this machine; 0.0.0.0, :: and real addresses do not."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 def should_warn(tokens: Tokens | None, host: str | None) -> bool:
-    """Warn when no token is set and the server binds beyond loopback (``host`` None: not serving)."""
-    return tokens is None and host is not None and not is_loopback(host)
+    """Warn when no token is set and the server binds beyond loopback (127.0.0.0/8, ::1, "localhost"; ``host``
+    None: not serving)."""
+    if tokens is not None or host is None or host.strip().lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return True
 
 
 def serve_host() -> str | None:

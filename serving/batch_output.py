@@ -45,12 +45,8 @@ def remove(path: Path) -> None:
 def write_outputs(
     table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
 ) -> None:
-    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
-
-    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
-    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
-    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
-    """
+    """Write every ``(spec, path)`` output to its temporary name, then rename each into place: whole outputs or none
+    (temporaries removed on failure). A temporary folder in ``prewritten`` is already filled (the Ray engine)."""
     written: list[tuple[Path, Path]] = []
     try:
         for spec, out in outputs:
@@ -75,19 +71,6 @@ def write_outputs(
 
 FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}
 NO_FACE = "no face found"
-
-
-def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
-    """The output columns and their pandas dtypes, the same for every engine and every block."""
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = {"label": "string", "score": "float64"}
-        for j in range(1, k + 1):
-            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
-    else:
-        cols = {predictor.target_name: "float64"}
-    faces = FACE_COLUMNS if predictor.uses_faces else {}
-    return {"path": "string", **faces, **cols, "error": "string"}
 
 
 def build_rows(
@@ -124,6 +107,13 @@ def error_counts(table: pd.DataFrame) -> tuple[int, int]:
 
 
 def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
-    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
-    cols = columns(predictor, top_k)
+    """Rows -> a frame with exactly the output columns in order, with their dtypes (empty cells: NA): the same for
+    every engine and every block."""
+    if predictor.task == "classification":
+        cols = {"label": "string", "score": "float64"}
+        for j in range(1, max(1, min(top_k, predictor.num_classes)) + 1):
+            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
+    else:
+        cols = {predictor.target_name: "float64"}
+    cols = {"path": "string", **(FACE_COLUMNS if predictor.uses_faces else {}), **cols, "error": "string"}
     return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)

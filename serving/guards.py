@@ -154,8 +154,7 @@ class AdmissionMiddleware:
             self.in_flight -= 1
 
     async def _drain(self, receive: Receive) -> None:
-        """Read and drop the body (up to ``drain_bytes``): a server that closes on unread data resets the
-        connection, and the client would never see the 503."""
+        """Read and drop the body (up to ``drain_bytes``), or the server resets the connection and no 503 arrives."""
         seen = 0
         while seen <= self.drain_bytes:
             message = await receive()
@@ -165,8 +164,7 @@ class AdmissionMiddleware:
 
 
 def load() -> int:
-    """How busy this worker is: requests in flight or, if more, keep-alive clients seen lately (0 without
-    admission control). A lone request of a lone client: 1."""
+    """How busy this worker is: requests in flight or, if more, recent keep-alive clients (0 without admission)."""
     admission = AdmissionMiddleware.current
     return max(admission.in_flight, admission.recent_clients) if admission is not None else 0
 

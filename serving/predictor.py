@@ -66,10 +66,8 @@ def pick_runtime(runtime: str, meta: BundleMeta, device: torch.device) -> str:
 
 
 class OnnxForward:
-    """The bundle's ``model.onnx`` in ONNX Runtime: ``(B, C, h, w)`` -> what ``heads.predict`` gives, on CPU.
-
-    One session per intra-op thread count, made when first asked for (``torch.get_num_threads()``).
-    """
+    """The bundle's ``model.onnx`` in ONNX Runtime, CPU: ``(B, C, h, w)`` -> what ``heads.predict`` gives; one
+    session per thread count (``torch.get_num_threads()``), made when first asked for."""
 
     def __init__(self, data: bytes, meta: BundleMeta) -> None:
         self.data, self.input = data, str(meta.onnx.get("input", "input"))
@@ -98,10 +96,8 @@ class Prepared:
 
 
 class ImageLoader:
-    """Bytes or a file -> the model's input ``(C, h, w)``: small and picklable, for DataLoader workers.
-
-    With an ``aligner`` (a face model), ``prepare`` finds the faces and returns one input per face.
-    """
+    """Bytes or a file -> the model's input ``(C, h, w)`` (with an ``aligner``, ``prepare``: one per face); small
+    and picklable, for DataLoader workers."""
 
     def __init__(
         self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, aligner: FaceAligner | None = None
@@ -114,8 +110,7 @@ class ImageLoader:
         return open_image(src, max_pixels=self.max_pixels)
 
     def decode(self, src: bytes | str | Path | Image.Image) -> np.ndarray:
-        """Bytes, a file or an image from ``open`` -> uint8 ``(H, W, C)``; ``data.preprocess.ImageError`` if
-        unusable."""
+        """Bytes, a file or an image from ``open`` -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
         if not isinstance(src, Image.Image):
             return load_image(src, channels=self.spec.channels, max_pixels=self.max_pixels)
         try:
@@ -145,10 +140,7 @@ class ImageLoader:
 
 
 class Predictor:
-    """Decode, preprocess, batch-forward and format, as the bundle says.
-
-    ``bundle`` is a bundle folder or an already loaded ``(module, BundleMeta)`` pair.
-    """
+    """Decode, preprocess, batch-forward and format, as the bundle (a folder or a loaded ``(module, meta)``) says."""
 
     def __init__(
         self,
@@ -197,14 +189,6 @@ class Predictor:
     def uses_faces(self) -> bool:
         """True when the model expects aligned face chips (the bundle has a ``faces`` entry)."""
         return self.framing is not None
-
-    def preprocess(self, arr: np.ndarray) -> torch.Tensor:
-        """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
-        return self.loader.preprocess(arr)
-
-    def load(self, src: bytes | str | Path) -> torch.Tensor:
-        """decode + preprocess: bytes or a file -> float ``(C, h, w)``."""
-        return self.loader(src)
 
     def prepare(
         self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
@@ -257,37 +241,31 @@ class Predictor:
 
     def predict_files(self, srcs: Sequence[bytes | str | Path], top_k: int = 5) -> list[dict[str, Any]]:
         """Decode, forward as one batch, format: one dict per input (raises ``ImageError`` on a bad one)."""
-        batch = torch.stack([self.load(s) for s in srcs])  # (B, C, h, w)
+        batch = torch.stack([self.loader(s) for s in srcs])  # (B, C, h, w)
         return [self.format(row, top_k) for row in self.predict_tensors(batch)]
 
     def info(self) -> dict[str, Any]:
         """What ``GET /models`` shows: task, architecture, classes or target, input spec, test metrics, runtime."""
-        return {**describe(self.meta, self.max_pixels), "runtime": self.runtime}
-
-
-def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """A bundle as ``GET /models`` shows it: task, architecture, classes or target, input, test metrics."""
-    spec = meta.preprocess
-    h, w = spec.input_size
-    out: dict[str, Any] = {
-        "task": meta.task,
-        "architecture": meta.architecture["name"],
-        "input": {
-            "height": h,
-            "width": w,
-            "channels": spec.channels,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "resize": spec.resize,
-            "max_pixels": max_pixels,
-        },
-        "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
-        "tta": list(meta.tta),
-        "faces": meta.faces,  # {"aligned", "size", "points" | "padding"}: faces are found and aligned first; None: not
-    }
-    if meta.task == "classification":
-        out["class_names"] = list(meta.class_names or [])
-    else:
-        out["target"] = {k: v for k, v in (meta.target or {}).items() if k != "bins"}
-        out["head"] = f"distribution over {len(meta.bins)} values" if meta.bins else "linear"
-    return out
+        meta, spec = self.meta, self.spec
+        out: dict[str, Any] = {
+            "task": meta.task,
+            "architecture": meta.architecture["name"],
+            "input": {
+                "height": spec.input_size[0],
+                "width": spec.input_size[1],
+                "channels": spec.channels,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "resize": spec.resize,
+                "max_pixels": self.max_pixels,
+            },
+            "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
+            "tta": list(meta.tta),
+            "faces": meta.faces,  # {"aligned", "size", "points" | "padding"}: faces are found and aligned first
+        }
+        if meta.task == "classification":
+            out["class_names"] = list(meta.class_names or [])
+        else:
+            out["target"] = {k: v for k, v in (meta.target or {}).items() if k != "bins"}
+            out["head"] = f"distribution over {len(meta.bins)} values" if meta.bins else "linear"
+        return {**out, "runtime": self.runtime}

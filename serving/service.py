@@ -3,7 +3,8 @@
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
     curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
     curl -F image=@photo.jpg -F max_faces=5 localhost:3000/estimate_age   # every face: box, score, age
-    curl localhost:3000/models          # the models this worker loaded; /stats: its counters; /: a page
+    curl localhost:3000/models          # the models this worker loaded; /stats: its counters
+    open http://localhost:3000/         # a page to try every model (static/index.html, with a strict CSP)
 
 Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards:
 ``serving/guards.py``; tokens: ``serving/auth.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503
@@ -13,9 +14,12 @@ with ``Retry-After``, never a 500. How it runs and why, with measurements: docs/
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -27,11 +31,11 @@ import bentoml
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from data.preprocess import ImageError
-from serving import auth, page
+from serving import auth
 from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, load, strict_multipart
 from serving.predictor import Predictor, Prepared
 from serving.settings import Settings, cpu_count
@@ -43,6 +47,7 @@ MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_F
 INLINE_PIXELS = 256 * 256  # images up to this many pixels (from the header) decode on the event loop
 INLINE_FORWARD_MS = 2.0  # forwards expected to take at most this run on the event loop when the worker is idle
 FULL_GC_S = 300  # seconds between full garbage collections (docs/SERVING.md, "Garbage collection")
+STATIC = Path(__file__).parent / "static"
 
 
 def full_collections_every(seconds: float) -> threading.Event:
@@ -144,8 +149,8 @@ class Batcher:
                     f.set_result(row)
 
     def _timed(self, batch: torch.Tensor) -> torch.Tensor:
-        """``fn(batch)`` at the thread count for the load, its time per input folded into ``item_s``. Never runs
-        twice at once: the fast path in ``submit`` only while ``_run`` is idle, ``_run`` one batch at a time."""
+        """``fn(batch)`` at the thread count for the load, its time per input folded into ``item_s`` (never twice
+        at once: ``submit``'s fast path only while ``_run`` is idle)."""
         solo = len(batch) == 1 and self.item_s > self.inline_s and self.load() <= 1
         want = self.solo if solo else self.threads
         if torch.get_num_threads() != want:
@@ -165,8 +170,41 @@ async def _get_stats(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().stats())
 
 
-# GET routes (BentoML API routes are POST only) and the page at / (OpenAPI moves to /docs), beside the APIs.
-info_app = Starlette(routes=[Route("/models", _get_models), Route("/stats", _get_stats), *page.routes])
+def content_security_policy(html: str) -> str:
+    """A CSP that lets run only the page's own inline ``<script>`` and ``<style>`` (by hash), fetch only this origin."""
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+PAGE = (STATIC / "index.html").read_text(encoding="utf-8")  # one file, inline CSS and JavaScript, no build step
+PAGE_HEADERS = {
+    "Content-Security-Policy": content_security_policy(PAGE),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def _get_page(request: Request) -> Response:
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+
+
+async def _get_openapi_docs(request: Request) -> Response:  # BentoML's OpenAPI page, which BentoML serves at /
+    import _bentoml_impl.server
+
+    return FileResponse(Path(_bentoml_impl.server.__file__).parent / "main-openapi.html")
+
+
+# GET routes beside the APIs (BentoML's API routes are POST only): the page at /, OpenAPI at /docs.
+GET_ROUTES = {"/models": _get_models, "/stats": _get_stats, "/": _get_page, "/docs": _get_openapi_docs}
+info_app = Starlette(routes=[Route(path, fn) for path, fn in GET_ROUTES.items()])
 
 
 # Model references at class scope, so `bentoml build` packs them: BentoML 1.4 finds them among the class's
@@ -260,9 +298,7 @@ class Svertka(ModelReferences):
     async def _inputs(
         self, pred: Predictor, image: Path, max_faces: int | None = None, detect: bool = False
     ) -> Prepared | JSONResponse:
-        """The upload's inputs (``Prepared``) or a 400: the header is read here (size checked, nothing decoded);
-        small images decode on the event loop (a thread hop costs more), large ones and the face stage in a thread.
-        """
+        """The upload's inputs or a 400: small images (by the header) decode here, large ones and faces in a thread."""
         try:
             img = pred.loader.open(image.read_bytes())
             if not (pred.uses_faces and detect) and img.width * img.height <= INLINE_PIXELS:
@@ -297,10 +333,8 @@ class Svertka(ModelReferences):
     async def estimate_age(
         self, image: Path, model: str | None = None, max_faces: int | None = None, detect: bool = True
     ) -> dict[str, Any]:
-        """Ages of the faces in a photo: ``{"faces": [{"box", "score", "age"}, ...], "model"}``, largest first.
-
-        ``detect=false``: the image already is an aligned face chip (one face, the whole image, score null).
-        """
+        """Ages of the faces in a photo, largest first: ``{"faces": [{"box", "score", "age"}, ...], "model"}``
+        (``detect=false``: the image is an aligned chip, one face, score null)."""
         picked = self._pick(model, "regression")
         if isinstance(picked, JSONResponse):
             return picked

@@ -61,12 +61,6 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def parse_tags(raw: str) -> tuple[str, ...]:
-    """``"a, b:v1"`` -> ``("a:latest", "b:v1")``, in order, without repeats."""
-    tags = [t.strip() if ":" in t else f"{t.strip()}:latest" for t in raw.split(",") if t.strip()]
-    return tuple(dict.fromkeys(tags))
-
-
 @dataclass(frozen=True)
 class Settings:
     """Every ``SVERTKA_*`` setting of the service, checked."""
@@ -89,7 +83,8 @@ class Settings:
         # once, from `bentoml serve` itself (or a direct call): not again from every worker
         for name in sorted(REMOVED.keys() & env.keys()) if bentoml.server_context.worker_index is None else []:
             print(f"warning: {name} is no longer read: {REMOVED[name]}", file=sys.stderr, flush=True)
-        models = parse_tags(env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS)
+        raw = [t.strip() for t in (env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS).split(",") if t.strip()]
+        models = tuple(dict.fromkeys(t if ":" in t else f"{t}:latest" for t in raw))  # "a, b:v1" -> a:latest, b:v1
         if not models:
             raise SettingsError("SVERTKA_MODELS names no model")
         device = env.get("SVERTKA_DEVICE", "").strip() or None

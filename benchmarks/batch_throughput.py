@@ -76,7 +76,7 @@ def upper_bound(bundle: Path, files: list[Path], batch_size: int, threads: int) 
     spec, forward = predictor.spec, predictor.predict_tensors
 
     def load(path: Path) -> torch.Tensor:
-        return predictor.preprocess(load_image(path, spec.channels))  # (C, h, w)
+        return predictor.loader.preprocess(load_image(path, spec.channels))  # (C, h, w)
 
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     forward(torch.stack([load(p) for p in chunks[0]]))  # warm-up at the batch size

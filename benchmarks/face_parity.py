@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
             hit = [f for f in faces if x0 <= (f.box[0] + f.box[2]) / 2 <= x1 and y0 <= (f.box[1] + f.box[3]) / 2 <= y1]
             fp += len(faces) - len(hit)
             if hit:
-                x = pred.preprocess(hit[0].chip)[None]
+                x = pred.loader.preprocess(hit[0].chip)[None]
                 scene_pred.append(float(pred.predict_tensors(x)[0]))
             found.append(bool(hit))
         found = np.array(found)

@@ -12,9 +12,11 @@ In one run, on Fashion-MNIST's training images, each in a fresh process with the
       DataLoader, no Lightning, no logging: only work every fit must do, so no fit can be faster;
   (b) ``python -m training fit`` with the same config, without and with augmentation (the
       augmentation is work the fit does on top of the ceiling's).
-Both time the last epoch from the end of its ``--warmup``-th batch to the end of its last batch
+Both time every epoch from the end of its ``--warmup``-th batch to the end of its last batch
 (``_timing.EpochTimer`` in the fit; process start-up, data set loading and validation are not
-counted), each epoch being ``--warmup`` + ``--batches`` batches. The runs alternate (a, b, b
+counted), each epoch being ``--warmup`` + ``--batches`` batches; a run's rate is its timed images
+over its timed seconds, all ``--epochs`` together (2 x 800 batches by default: windows of ~40 s on
+2 cores, so a run's speed averages over the host's slow and fast spells). The runs alternate (a, b, b
 with augmentation, a, b, ...) ``--repeats`` times; the table gives medians, the spread of each
 run's repeats as min-max and as a percentage of the median, and the fit/ceiling ratio per repeat;
 on a virtual machine also the share of CPU time its host took during each run (``/proc/stat``
@@ -68,7 +70,7 @@ def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) 
 
 
 def run_timed(kind: str, args: list[str], warmup: int) -> tuple[float, float]:
-    """Images/s of the last epoch of the ceiling (``kind="ceiling"``) or of ``python -m training fit``,
+    """Images/s of the timed epochs of the ceiling (``kind="ceiling"``) or of ``python -m training fit``,
     and the share of CPU time stolen from this virtual machine while the run's process ran."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "epochs.json"
@@ -88,7 +90,8 @@ def run_timed(kind: str, args: list[str], warmup: int) -> tuple[float, float]:
         stolen = stolen_share(ticks, cpu_ticks())
         if proc.returncode != 0 or not out.exists():
             sys.exit(f"error: the {kind} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())[-1]["images_per_s"], stolen
+        epochs = json.loads(out.read_text())
+        return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), stolen
 
 
 def old_loop(cfg: dict, root: Path, batches: int, epochs: int, device: str, bf16: bool) -> float:
@@ -138,7 +141,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=os.environ.get("DATASETS_DIR"), help="data root ($DATASETS_DIR)")
     p.add_argument("--batches", type=int, default=800, help="timed batches per epoch (of 844 at batch 64)")
     p.add_argument("--warmup", type=int, default=30, help="untimed batches at the start of each epoch")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per run (the last one is timed)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run, each timed after its warmup")
     p.add_argument("--repeats", type=int, default=3, help="alternate the runs this many times, report medians")
     p.add_argument("--threads", type=int, default=None, help="--num_threads for every run (default: torch's)")
     p.add_argument("--batch_size", type=int, default=None, help="override the config's batch size (every run)")
@@ -182,7 +185,7 @@ def main() -> None:
     print(f"config {args.config.name}: net={net} batch_size={bs}, {args.warmup} + {args.batches} batches an epoch")
     flags = "".join(f" {f}" for f, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
     print(f"accelerator={args.accelerator} precision={args.precision or '32-true'}{flags} torch threads={threads}")
-    print(f"{args.epochs} epoch(s), the last timed after its first {args.warmup} batches; {args.repeats} repeats")
+    print(f"{args.epochs} epoch(s), each timed after its first {args.warmup} batches; {args.repeats} repeats")
     if args.fit_args:
         print(f"fit only: {args.fit_args}")
 

@@ -1,20 +1,12 @@
 """API tokens for the BentoML service: a pure-ASGI middleware that wants ``Authorization: Bearer <token>``.
 
     SVERTKA_API_TOKEN=$(openssl rand -hex 32) bentoml serve
-    SVERTKA_API_TOKEN_FILE=/run/secrets/svertka_tokens bentoml serve     # one token a line
+    SVERTKA_API_TOKEN_FILE=/run/secrets/svertka_tokens bentoml serve     # one token a line, read when it changes
     curl -H "Authorization: Bearer $TOKEN" -F image=@shirt.png localhost:3000/classify
 
-With ``SVERTKA_API_TOKEN`` and/or ``SVERTKA_API_TOKEN_FILE`` set, every path but the health
-endpoints (``/readyz``, ``/livez``, ``/healthz``, ``/metrics``) needs one of the tokens; anything
-else gets 401 with ``{"error": reason}`` and ``WWW-Authenticate: Bearer``, before the request body
-is read. A browser opening ``/`` gets a small page that asks for the token once and keeps it in the
-tab's ``sessionStorage["svertka_token"]``. The token file (blank lines and ``#`` comments ignored)
-is read again whenever its modification time or size changes, so tokens rotate without a restart;
-a file that vanishes or cannot be read later accepts nothing from it (fail closed). Tokens are
-compared in constant time (``hmac.compare_digest`` against every token) and never logged or echoed.
-
-Without a token the service still starts, and ``bentoml serve`` prints one warning when it binds
-beyond loopback (its default host is 0.0.0.0).
+Every path but the health endpoints needs a token (else 401 with ``{"error": reason}``, before the body is
+read; a browser at ``/`` gets a page that asks for it). A token file that vanishes later accepts nothing (fail
+closed). Tokens are compared in constant time, never logged or echoed. docs/SERVING.md, "Security".
 """
 
 from __future__ import annotations
@@ -27,6 +19,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.guards import OPEN_PATHS
@@ -64,12 +57,7 @@ class Tokens:
         if self.file is not None:  # at start a bad file stops the server with a clear line
             self.stamp = self._stat()
             self.from_file = self._read()
-            if not self.from_file:
-                raise TokenError(
-                    f"{TOKEN_FILE_ENV}={self.file} holds no token (one token a line; blank lines and # comments "
-                    "are skipped)"
-                )
-        if not self.fixed and self.file is None:
+        elif not self.fixed:
             raise TokenError(f"{TOKEN_ENV} is blank")
 
     @classmethod
@@ -81,7 +69,6 @@ class Tokens:
         return cls(token or None, file or None)
 
     def _stat(self) -> tuple[int, ...]:
-        assert self.file is not None
         try:
             st = self.file.stat()
         except OSError as e:
@@ -89,14 +76,17 @@ class Tokens:
         return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
     def _read(self) -> list[bytes]:
-        assert self.file is not None
+        """The file's tokens; ``TokenError`` if it cannot be read or holds none."""
+        where = f"{TOKEN_FILE_ENV}={self.file}"
         try:
-            text = self.file.read_text()
+            tokens = parse_tokens(self.file.read_text(), where)
         except OSError as e:
-            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: cannot read it ({e.strerror or e})") from None
+            raise TokenError(f"{where}: cannot read it ({e.strerror or e})") from None
         except UnicodeDecodeError:
-            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: not UTF-8 text") from None
-        return parse_tokens(text, f"{TOKEN_FILE_ENV}={self.file}")
+            raise TokenError(f"{where}: not UTF-8 text") from None
+        if not tokens:
+            raise TokenError(f"{where} holds no token (one token a line; blank lines and # comments are skipped)")
+        return tokens
 
     def current(self) -> list[bytes]:
         """Every accepted token; the file is read again when its mtime, size or inode changed."""
@@ -107,8 +97,6 @@ class Tokens:
             stamp = self._stat()
             if stamp != self.stamp:
                 self.from_file = self._read()
-                if not self.from_file:
-                    raise TokenError(f"{TOKEN_FILE_ENV}={self.file} holds no token")
         except TokenError as e:  # fail closed: the file's tokens are gone until it is usable again
             if stamp != self.stamp:
                 print(f"warning: {e}; no token from that file is accepted until it is fixed", file=sys.stderr)
@@ -128,10 +116,8 @@ PROMPT_PAGE = (Path(__file__).parent / "static" / "token.html").read_bytes()  # 
 
 
 class TokenAuthMiddleware:
-    """401 for every request without an accepted ``Authorization: Bearer`` token, but the health paths.
-
-    ``tokens`` None (no token configured) lets everything through.
-    """
+    """401 for every request without an accepted ``Authorization: Bearer`` token, but the health paths
+    (``tokens`` None: no token configured, everything passes)."""
 
     def __init__(self, app: ASGIApp, tokens: Tokens | None) -> None:
         self.app, self.tokens = app, tokens
@@ -147,27 +133,16 @@ class TokenAuthMiddleware:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        challenge = b'Bearer realm="svertka"' + (b', error="invalid_token"' if given else b"")
+        challenge = 'Bearer realm="svertka"' + (', error="invalid_token"' if given else "")
         browser = (
             scope["method"] in ("GET", "HEAD") and scope["path"] == "/" and b"text/html" in headers.get(b"accept", b"")
         )
-        if browser:
-            body, ctype = PROMPT_PAGE, b"text/html; charset=utf-8"
-        else:
-            body, ctype = json.dumps({"error": reason}).encode(), b"application/json"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", ctype),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", challenge),
-                    (b"cache-control", b"no-store"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        body = PROMPT_PAGE if browser else json.dumps({"error": reason}).encode()
+        media_type = "text/html; charset=utf-8" if browser else "application/json"
+        response = Response(body, 401, {"WWW-Authenticate": challenge, "Cache-Control": "no-store"}, media_type)
+        if scope["method"] == "HEAD":
+            response.body = b""  # the headers of a GET (its Content-Length too), no body
+        await response(scope, receive, send)
 
     def _refusal(self, header: bytes | None) -> tuple[str | None, bool]:
         """(why the request is refused or None, whether it carried a token at all)."""
@@ -185,29 +160,20 @@ class TokenAuthMiddleware:
         return None, True
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and "localhost" reach only this machine; 0.0.0.0, :: and real addresses do not."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 def should_warn(tokens: Tokens | None, host: str | None) -> bool:
-    """Warn when no token is set and the server binds beyond loopback (``host`` None: not serving)."""
-    return tokens is None and host is not None and not is_loopback(host)
+    """Warn when no token is set and the server binds beyond loopback (127.0.0.0/8, ::1, "localhost"; ``host``
+    None: not serving)."""
+    if tokens is not None or host is None or host.strip().lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return True
 
 
 def serve_host() -> str | None:
-    """The host ``bentoml serve`` is about to bind, when this process is that command (not a worker), else None.
-
-    BentoML 1.4 imports the service in the ``bentoml serve`` process (inside its click command, whose
-    ``--host`` option also reads ``BENTOML_HOST``) before it starts the workers; with neither given it
-    binds the configured ``api_server.http.host`` (0.0.0.0 by default). Workers run another command
-    without a ``host`` option, so the warning is printed once, not once per worker.
-    """
+    """The host ``bentoml serve`` is about to bind, when this process is that command (its click context has a
+    ``host`` option, ``--host`` or ``BENTOML_HOST``; workers run another command), else None."""
     try:
         import click
     except ImportError:

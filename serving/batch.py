@@ -2,36 +2,13 @@
 
     python -m serving.batch --model artifacts/quickstart --input photos/ --output labels.csv
     python -m serving.batch --model utkface_age:latest --input 'faces/**/*.jpg' --output ages.parquet
+    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --engine ray
+    python -m serving.batch --model artifacts/utkface_age --input utk_test/ --output ages.csv --truth labels.csv
 
-``--model`` is a bundle folder or a BentoML model tag. ``--input`` is a folder (searched
-recursively for images), a CSV with a ``path`` column (paths relative to the CSV's folder) or a
-glob. Files are decoded in DataLoader workers and predicted in batches by the same
-``serving.predictor.Predictor`` the HTTP service uses. Rows keep the input order: ``path``, then
-``label, score, top1_label, top1_score, ...`` for a classifier or the target (``age``) for a
-regressor, and ``error`` saying why a file could not be read (such files don't stop the run).
-A face model (an age bundle with a ``faces`` entry) gives one row per face found: ``path, face,
-box_x0, box_y0, box_x1, box_y1, face_score, age, error`` (largest face first; a photo without a
-face gets one row with ``error`` = "no face found"); ``--no-detect`` takes each file as an
-aligned chip (one row per file, the box is the whole image), ``--max-faces N`` keeps the N largest.
-Every engine builds its rows with ``serving.batch_output.build_rows`` and reads files through
-``data.imagefile.read_or_error`` (one set of messages for a bad file).
-The output appears whole or not at all (written to a temporary name, then renamed).
-
-``--engine ray [--address ADDR]`` runs the same job on Ray Data (decoding tasks, an actor pool of
-predictors; a local Ray, or a cluster): see ``serving/batch_ray.py`` and docs/BATCH.md. ``--output``
-may be repeated, and ``DIR/`` writes a Parquet dataset folder (one file per block):
-
-    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --output ages.csv --engine ray
-
-``--truth FILE.csv`` scores the predictions against known answers: a CSV with a ``path`` or
-``name`` column (matched to the inputs by path, else by file name; a face model's largest face
-per file is scored) and the true ``label``
-(classifier) or target (e.g. ``age``, regressor) column. It prints accuracy, or MAE, RMSE and
-CS@5, and writes them to ``OUTPUT.metrics.json``:
-
-    python -m data.utkface --root $DATASETS_DIR --split test --out /tmp/utk_test   # links + labels.csv
-    python -m serving.batch --model artifacts/utkface_age --input /tmp/utk_test \
-        --output ages.csv --truth /tmp/utk_test/labels.csv
+The same ``serving.predictor.Predictor`` as the service, decoding in DataLoader workers; rows in input order,
+a face model's one per face, an ``error`` for a file that cannot be read (``data.imagefile.read_or_error``);
+every engine builds them with ``serving.batch_output``, whose outputs appear whole or not at all. ``--engine
+ray``: ``serving/batch_ray.py``. Options, columns, ``--truth``: docs/SERVING.md, "Batch predictions".
 """
 
 from __future__ import annotations
@@ -60,6 +37,7 @@ from serving.batch_output import (
     build_rows,
     error_counts,
     is_dataset,
+    temp_name,
     to_table,
     write_outputs,
 )
@@ -67,10 +45,7 @@ from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
 class ImageFiles(Dataset):
-    """``(index, Prepared or None, error or None)`` for each path; never raises on a bad file.
-
-    ``Prepared`` holds one input per face found (a face model) or the whole image as one input.
-    """
+    """``(index, Prepared or None, error or None)`` for each path; never raises on a bad file."""
 
     def __init__(
         self, paths: Sequence[Path], loader: ImageLoader, max_faces: int | None = None, detect: bool = True
@@ -87,10 +62,8 @@ class ImageFiles(Dataset):
 def collate(
     items: list[tuple[int, Prepared | None, str | None]],
 ) -> tuple[list[tuple[int, list[dict[str, Any]], int, str | None]], torch.Tensor | None]:
-    """-> per file ``(index, faces, inputs it has in the batch, error)``, and every input of every
-    good image in one ``(B, C, h, w)`` batch. The inputs travel once, in the batch: a decoding
-    worker sends each tensor through its own shared-memory segment, so leaving them in the items
-    too cost simple_cnn a quarter of its files/s."""
+    """-> per file ``(index, faces, inputs it has in the batch, error)``, and every input of every good image in
+    one ``(B, C, h, w)`` batch (the inputs travel only there: each tensor costs a worker a shared-memory segment)."""
     inputs = [p.inputs for _, p, _ in items if p is not None and len(p.inputs)]
     files = [(i, p.faces if p is not None else [], len(p.inputs) if p is not None else 0, e) for i, p, e in items]
     return files, torch.cat(inputs) if inputs else None
@@ -135,7 +108,7 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
         table = read_csv(path, f"--input {spec}")
         if "path" not in table.columns:
             raise FatalError(f"--input {spec}: the CSV needs a 'path' column (has: {', '.join(table.columns)})")
-        shown = [p for p in table["path"].tolist()]
+        shown = table["path"].tolist()
         if not shown:
             raise FatalError(f"--input {spec}: the CSV lists no files")
         return [path.parent / p for p in shown], shown
@@ -331,15 +304,6 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return outputs
 
 
-def runtime_shown(args: argparse.Namespace, predictor: Predictor) -> str:
-    """What ran the model, for the summary line: ``onnx (ONNX Runtime)``, ``torch``, ``torch (Ray GPU actors)``."""
-    if args.engine == "ray" and str(args.device).startswith("cuda"):
-        return "torch (Ray GPU actors)"
-    if predictor.runtime == "onnx":
-        return "onnx (ONNX Runtime)"
-    return "torch"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -377,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows, (bad, faceless) = len(table), error_counts(table)
         if metrics is not None:
             metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
-            tmp = metrics_file.with_name(f".{metrics_file.name}.tmp-{os.getpid()}")
+            tmp = temp_name(metrics_file)
             tmp.write_text(json.dumps({"truth": args.truth, **metrics}, indent=2) + "\n")
             os.replace(tmp, metrics_file)
     except FatalError as e:
@@ -392,9 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     where = ", ".join(str(out) for _, out in outputs)
     shown_faceless = f", {faceless} without a face" if predictor.uses_faces else ""
+    ran = "onnx (ONNX Runtime)" if predictor.runtime == "onnx" else "torch"
+    if args.engine == "ray" and str(args.device).startswith("cuda"):
+        ran = "torch (Ray GPU actors)"
     print(
         f"wrote {rows} rows to {where}: {rows - bad - faceless} predicted{shown_faceless}, {bad} unreadable; "
-        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s); runtime: {runtime_shown(args, predictor)}",
+        f"{seconds:.1f} s ({len(paths) / seconds:.1f} files/s); runtime: {ran}",
         file=sys.stderr,
     )
     if metrics is not None:

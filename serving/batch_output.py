@@ -45,12 +45,8 @@ def remove(path: Path) -> None:
 def write_outputs(
     table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
 ) -> None:
-    """Write every output to its temporary name, then rename each into place: whole outputs or none at all.
-
-    ``outputs``: ``(spec, path)`` pairs from ``check_output``. A dataset folder whose temporary folder
-    is in ``prewritten`` is already filled (the Ray engine streams its blocks there); otherwise it gets
-    ``table`` as one part file. Every temporary file or folder is removed if anything fails.
-    """
+    """Write every ``(spec, path)`` output to its temporary name, then rename each into place: whole outputs or none
+    (temporaries removed on failure). A temporary folder in ``prewritten`` is already filled (the Ray engine)."""
     written: list[tuple[Path, Path]] = []
     try:
         for spec, out in outputs:
@@ -73,28 +69,8 @@ def write_outputs(
         raise
 
 
-FACE_COLUMNS = {
-    "face": "Int64",
-    "box_x0": "Int64",
-    "box_y0": "Int64",
-    "box_x1": "Int64",
-    "box_y1": "Int64",
-    "face_score": "float64",
-}
+FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}
 NO_FACE = "no face found"
-
-
-def columns(predictor: Predictor, top_k: int) -> dict[str, str]:
-    """The output columns and their pandas dtypes, the same for every engine and every block."""
-    if predictor.task == "classification":
-        k = max(1, min(top_k, predictor.num_classes))
-        cols = {"label": "string", "score": "float64"}
-        for j in range(1, k + 1):
-            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
-    else:
-        cols = {predictor.target_name: "float64"}
-    faces = FACE_COLUMNS if predictor.uses_faces else {}
-    return {"path": "string", **faces, **cols, "error": "string"}
 
 
 def build_rows(
@@ -105,18 +81,15 @@ def build_rows(
     top_k: int,
     faces: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """The output rows of one input file (every engine builds its rows here, so they all get the same).
-
-    ``outputs``: the file's rows of ``predict_tensors``, one per input of its ``Prepared``, and
-    ``faces`` that ``Prepared``'s faces (``{"box", "score"}``). A face model gives one row per face
-    (``face`` index, box, ``face_score``, target), or one row with an empty ``face`` and ``error``
-    "no face found"; any other model gives one row per file. A file that could not be read
-    (``outputs`` None) gives one row with its ``error``.
-    """
+    """The output rows of one input file, for every engine: one per face of a face model (or one with the error
+    "no face found"), else one; one with its ``error`` for a file not read (``outputs`` None). ``outputs``: its
+    rows of ``predict_tensors``, one per input of its ``Prepared``; ``faces``: that ``Prepared``'s faces."""
     if outputs is None:
         return [{"path": shown, "error": error or "not predicted"}]
     if not predictor.uses_faces:
-        return [{"path": shown, **flatten(predictor.format(outputs[0], top_k)), "error": error}]
+        result = predictor.format(outputs[0], top_k)  # {"label", "score", "top_k": [...]} -> top1_label, ...
+        top = {f"top{j}_{k}": e[k] for j, e in enumerate(result.pop("top_k", []), 1) for k in ("label", "score")}
+        return [{"path": shown, **result, **top, "error": error}]
     if not faces:
         return [{"path": shown, "error": NO_FACE}]
     rows = []
@@ -134,14 +107,13 @@ def error_counts(table: pd.DataFrame) -> tuple[int, int]:
 
 
 def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:
-    """Rows -> a frame with exactly ``columns(...)`` in order and with their dtypes (empty cells: NA)."""
-    cols = columns(predictor, top_k)
+    """Rows -> a frame with exactly the output columns in order, with their dtypes (empty cells: NA): the same for
+    every engine and every block."""
+    if predictor.task == "classification":
+        cols = {"label": "string", "score": "float64"}
+        for j in range(1, max(1, min(top_k, predictor.num_classes)) + 1):
+            cols |= {f"top{j}_label": "string", f"top{j}_score": "float64"}
+    else:
+        cols = {predictor.target_name: "float64"}
+    cols = {"path": "string", **(FACE_COLUMNS if predictor.uses_faces else {}), **cols, "error": "string"}
     return pd.DataFrame(list(rows)).reindex(columns=list(cols)).astype(cols)
-
-
-def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """``{"label", "score", "top_k": [...]}`` -> ``{"label", "score", "top1_label", "top1_score", ...}``."""
-    out = {k: v for k, v in result.items() if k != "top_k"}
-    for j, entry in enumerate(result.get("top_k", []), start=1):
-        out[f"top{j}_label"], out[f"top{j}_score"] = entry["label"], entry["score"]
-    return out

@@ -1,17 +1,11 @@
-"""HTTP guards in front of the service's APIs: body limit, admission control, strict multipart forms.
+"""HTTP guards in front of the service's APIs, each refusal a JSON ``{"error": reason}``: a body over the limit
+(413), overload (503 + ``Retry-After``), anything but a well-formed multipart form with files where files belong
+(400), and the routers' plain-text 404 and 405 (as JSON, naming the endpoints or the methods allowed).
 
-    Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=20 * 2**20)
-    Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)
-    Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints="POST /classify, GET /models")
-
+    Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)     # likewise the other middlewares
     @strict_multipart
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, ...) -> dict: ...
-
-Every refusal is JSON ``{"error": reason}``: 413 for a body over the limit, 503 with
-``Retry-After`` when a worker already holds ``max_in_flight`` requests, 400 for anything that is
-not a well-formed multipart form with file parts where files belong; the routers' own plain-text
-404 (no such path) and 405 (wrong method) become JSON too, naming the endpoints or the methods allowed.
 """
 
 from __future__ import annotations
@@ -77,11 +71,8 @@ class BodyLimitMiddleware:
 
 
 class JsonRoutingErrors:
-    """The routers' plain-text 404 and 405 answers (Starlette's, BentoML's) as ``{"error": reason}`` JSON.
-
-    A 404 names the service's ``endpoints``; a 405 keeps its ``Allow`` header and names the methods in it.
-    Any other answer, JSON 404s of the service included, passes through untouched.
-    """
+    """The routers' plain-text 404 (naming ``endpoints``) and 405 (keeping ``Allow``) as ``{"error": reason}``;
+    any other answer, JSON 404s of the service included, passes through untouched."""
 
     def __init__(self, app: ASGIApp, endpoints: str) -> None:
         self.app, self.endpoints = app, endpoints
@@ -100,31 +91,23 @@ class JsonRoutingErrors:
             if message["type"] == "http.response.start" and message["status"] in (404, 405):
                 headers = dict(message.get("headers") or [])
                 if headers.get(b"content-type", b"").startswith(b"text/plain"):
-                    replacement = self._json(scope, message["status"], headers.get(b"allow", b"").decode("latin-1"))
+                    what, allow = f"{scope.get('method', '?')} {scope.get('path', '?')}", headers.get(b"allow", b"")
+                    if message["status"] == 405:
+                        why = f"{what}: method not allowed here; use {allow.decode('latin-1')}"
+                        replacement = error(405, why, {"Allow": allow.decode("latin-1")} if allow else None)
+                    else:
+                        replacement = error(404, f"{what}: no such endpoint; the API: {self.endpoints}")
                     return
             await send(message)
 
         await self.app(scope, receive, json_send)
 
-    def _json(self, scope: Scope, status: int, allow: str) -> JSONResponse:
-        what = f"{scope.get('method', '?')} {scope.get('path', '?')}"
-        if status == 405:
-            return error(405, f"{what}: method not allowed here; use {allow}", {"Allow": allow} if allow else None)
-        return error(404, f"{what}: no such endpoint; the API: {self.endpoints}")
-
 
 class AdmissionMiddleware:
-    """At most ``max_in_flight`` requests at once in this worker; past it a 503 with ``Retry-After``, at once.
-
-    The refusal comes before anything parses the body, so overload costs almost nothing and every queue
-    behind this point (decode threads, the batch queue) holds at most ``max_in_flight`` items.
-
-    The one home of the worker's load (``load()``): the requests in flight here, and the keep-alive
-    client connections that made API calls (POST) more than once, the last in the past ``window_s``
-    (``recent_clients``). A request that never waits is alone in flight however many clients wait in
-    the socket buffers, so in-flight alone cannot tell one client from thirty-two. Connections used
-    once (a client that reconnects for every request) are not counted.
-    """
+    """At most ``max_in_flight`` requests at once in this worker; past it a 503 with ``Retry-After``, before
+    anything parses the body. The one home of the worker's load (``load()``): requests in flight, and
+    ``recent_clients``, the keep-alive connections that called an API (POST) more than once, the last time in the
+    past ``window_s`` (in-flight alone cannot tell one client from 32: docs/SERVING.md)."""
 
     current: AdmissionMiddleware | None = None  # the one built last in this process (one per worker)
 
@@ -139,7 +122,7 @@ class AdmissionMiddleware:
         self.app, self.max_in_flight, self.drain_bytes, self.window_s = app, max_in_flight, drain_bytes, window_s
         self.in_flight = self.refused = self.recent_clients = 0
         self.headers = {"Retry-After": str(retry_after_s)}
-        self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests (1 or 2+)]
+        self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests]
         self.next_prune = 0.0
         AdmissionMiddleware.current = self
 
@@ -148,14 +131,10 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         now = time.monotonic()
         if scope["method"] == "POST":  # the APIs; not the page, /models or /stats
-            entry = self.seen.get(scope.get("client"))
-            if entry is None:
-                self.seen[scope.get("client")] = [now, 1]
-            else:
-                entry[0] = now
-                if entry[1] == 1:
-                    entry[1] = 2
-                    self.recent_clients += 1
+            entry = self.seen.setdefault(scope.get("client"), [now, 0])
+            entry[0], entry[1] = now, entry[1] + 1
+            if entry[1] == 2:  # a connection that stays: a client
+                self.recent_clients += 1
         if now >= self.next_prune:
             cutoff = now - self.window_s
             self.seen = {k: v for k, v in self.seen.items() if v[0] >= cutoff}
@@ -175,8 +154,7 @@ class AdmissionMiddleware:
             self.in_flight -= 1
 
     async def _drain(self, receive: Receive) -> None:
-        """Read and drop the body (up to ``drain_bytes``): a server that closes on unread data resets the
-        connection, and the client would never see the 503."""
+        """Read and drop the body (up to ``drain_bytes``), or the server resets the connection and no 503 arrives."""
         seen = 0
         while seen <= self.drain_bytes:
             message = await receive()
@@ -186,18 +164,14 @@ class AdmissionMiddleware:
 
 
 def load() -> int:
-    """How busy this worker is: requests in flight or, if more, keep-alive clients seen lately (0 without
-    admission control). A lone request of a lone client: 1."""
+    """How busy this worker is: requests in flight or, if more, recent keep-alive clients (0 without admission)."""
     admission = AdmissionMiddleware.current
     return max(admission.in_flight, admission.recent_clients) if admission is not None else 0
 
 
 class Upload(PurePosixPath):
-    """An uploaded file held in memory, given to an API in place of the ``Path`` of a temporary file.
-
-    It offers what the APIs use of a ``Path``: ``read_bytes()`` and ``name`` (the client's file name;
-    nothing is read from or written to the file system under that name).
-    """
+    """An upload in memory, in place of a temporary file's ``Path``: ``read_bytes()`` and ``name`` (the client's
+    file name; nothing on the file system has it)."""
 
     data: bytes
 
@@ -221,14 +195,9 @@ def _form_error(field: str, message: str) -> Exception:
 
 
 def strict_multipart(api: Any) -> Any:
-    """Make a ``@bentoml.api`` method accept only a well-formed multipart form: a 400, not a 500, otherwise.
-
-    BentoML 1.4 alone would fetch a URL given as text in a file field, and answer 500 to a file
-    part in a text field, to a malformed multipart body or to a JSON body with bad syntax. It has
-    no public hook for request parsing, so this subclasses the API's input spec (its
-    ``from_http_request`` classmethod) and checks the form before the spec reads it. A ``Path``
-    input then arrives as an ``Upload`` (the bytes in memory, no temporary file).
-    """
+    """Make a ``@bentoml.api`` method accept only a well-formed multipart form (else a 400, not BentoML's 500 or
+    its fetch of a URL given in a file field), by subclassing its input spec; a ``Path`` input arrives as an
+    ``Upload``."""
     base = api.input_spec
 
     async def from_http_request(cls: type, request: Request, serde: Any) -> Any:
@@ -250,8 +219,7 @@ def strict_multipart(api: Any) -> Any:
                 raise _form_error(key, f"'{key}' must be a text field, not a file")
         if not all(cls.model_fields[k].annotation is Path for k in cls.multipart_fields):
             return await super(strict, cls).from_http_request(request, serde)  # starlette caches the parsed form
-        # BentoML would copy each upload into a temporary file (created, written, read back, deleted: 0.6-0.9 ms
-        # of CPU per request, docs/RESULTS.md). Validate with a path in its place instead, then hand the API the bytes.
+        # BentoML would copy each upload into a temporary file (0.6-0.9 ms of CPU): validate a path, hand bytes.
         data: dict[str, Any] = {}
         uploads: dict[str, Upload] = {}
         for key in form:
@@ -269,8 +237,7 @@ def strict_multipart(api: Any) -> Any:
             setattr(parsed, key, upload)
         return parsed
 
-    # BentoML 1.4.40: bentoml.IODescriptor and @bentoml.api(input_spec=...) are public, their from_http_request
-    # is not, and no public hook for request parsing exists (none asked for upstream; URLs in file fields: #4411).
+    # BentoML 1.4.40 has no public hook for request parsing (URLs in file fields: bentoml/BentoML#4411).
     strict = type(base.__name__, (base,), {"from_http_request": classmethod(from_http_request)})
     api.input_spec = strict
     return api

@@ -1,29 +1,13 @@
 """One predictor for the HTTP service and the batch script, so the two cannot drift.
 
-    >>> from serving.predictor import Predictor
     >>> p = Predictor("artifacts/quickstart")                  # a bundle folder (or (module, meta))
     >>> p.predict_files(["shirt.png"], top_k=3)
     [{'label': 'Shirt', 'score': 0.91, 'top_k': [{'label': 'Shirt', 'score': 0.91}, ...]}]
+    >>> prep = Predictor("artifacts/utkface_age").prepare("group.jpg", max_faces=5)  # a face model: faces first
 
-Everything comes from the bundle: architecture and weights (``models.bundle``), class names or
-the regression target and its range, the eval preprocessing (``data.preprocess``) and, for a
-model trained on aligned face chips (the bundle's ``faces`` entry), the chip framing: such a
-predictor finds the faces in a photo and cuts their chips exactly that way (``data.faces``)
-before the model sees them:
-
-    >>> p = Predictor("artifacts/utkface_age")
-    >>> prep = p.prepare("group.jpg", max_faces=5)        # faces found (largest first) + their inputs
-    >>> p.face_results(prep, p.predict_tensors(prep.inputs))
-    [{'box': [212, 80, 301, 169], 'score': 1.21, 'age': 31.4}, ...]
-
-``runtime`` says what runs the network: ``"onnx"`` (ONNX Runtime over the bundle's ``model.onnx``,
-CPU: the one optimized path), ``"torch"`` (the ``nn.Module`` as it is, eager: for a GPU and for a
-bundle without ``model.onnx``), or ``"auto"`` (the default: ONNX Runtime on a CPU when the bundle
-has ``model.onnx``, torch otherwise and on a GPU). ONNX Runtime runs with as many intra-op
-threads as ``torch.get_num_threads()`` says at each call (one session per thread count), so every
-thread setting of the service, the batch script and the Ray actors applies to both runtimes.
-
-Imports neither Lightning nor ``training``.
+Everything comes from the bundle (``models.bundle``): network, class names or target, eval preprocessing
+and, for a face model, the chip framing (``data.faces``). ``runtime``: ``onnx`` (ONNX Runtime over
+``model.onnx``, CPU, at ``torch.get_num_threads()`` threads), ``torch``, or ``auto`` (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -82,10 +66,8 @@ def pick_runtime(runtime: str, meta: BundleMeta, device: torch.device) -> str:
 
 
 class OnnxForward:
-    """The bundle's ``model.onnx`` in ONNX Runtime: ``(B, C, h, w)`` -> what ``heads.predict`` gives, on CPU.
-
-    One session per intra-op thread count, made when first asked for (``torch.get_num_threads()``).
-    """
+    """The bundle's ``model.onnx`` in ONNX Runtime, CPU: ``(B, C, h, w)`` -> what ``heads.predict`` gives; one
+    session per thread count (``torch.get_num_threads()``), made when first asked for."""
 
     def __init__(self, data: bytes, meta: BundleMeta) -> None:
         self.data, self.input = data, str(meta.onnx.get("input", "input"))
@@ -105,11 +87,8 @@ class OnnxForward:
 
 @dataclass
 class Prepared:
-    """One image made ready for the model: its faces (or the whole image as one) and their inputs.
-
-    ``faces[i]`` is ``{"box": [x0, y0, x1, y1], "score": detector score or None}`` (pixels of the
-    decoded image, EXIF orientation applied), largest first; ``inputs[i]`` is its ``(C, h, w)`` input.
-    """
+    """One image made ready for the model: its faces (``{"box": [x0, y0, x1, y1], "score"}``, largest first; or
+    the whole image as one face, score None) and their inputs."""
 
     faces: list[dict[str, Any]]
     inputs: torch.Tensor  # (K, C, h, w), K = len(faces), 0 when no face was found
@@ -117,10 +96,8 @@ class Prepared:
 
 
 class ImageLoader:
-    """Bytes or a file -> the model's input ``(C, h, w)``: small and picklable, for DataLoader workers.
-
-    With an ``aligner`` (a face model), ``prepare`` finds the faces and returns one input per face.
-    """
+    """Bytes or a file -> the model's input ``(C, h, w)`` (with an ``aligner``, ``prepare``: one per face); small
+    and picklable, for DataLoader workers."""
 
     def __init__(
         self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, aligner: FaceAligner | None = None
@@ -128,44 +105,31 @@ class ImageLoader:
         self.spec, self.max_pixels, self.aligner = spec, max_pixels, aligner
         self.transform = eval_transform(spec)  # built once, reused for every image
 
-    def decode(self, src: bytes | str | Path) -> np.ndarray:
-        """Bytes or a file -> uint8 ``(H, W, C)``; ``data.preprocess.ImageError`` if unusable."""
-        return load_image(src, channels=self.spec.channels, max_pixels=self.max_pixels)
+    def open(self, src: bytes | str | Path) -> Image.Image:
+        """Read the header only (size checked against ``max_pixels``); ``img.width * img.height`` is the work."""
+        return open_image(src, max_pixels=self.max_pixels)
+
+    def decode(self, src: bytes | str | Path | Image.Image) -> np.ndarray:
+        """Bytes, a file or an image from ``open`` -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
+        if not isinstance(src, Image.Image):
+            return load_image(src, channels=self.spec.channels, max_pixels=self.max_pixels)
+        try:
+            return decode_image(src, self.spec.channels)
+        finally:
+            src.close()
 
     def preprocess(self, arr: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
         return preprocess(arr, self.spec, self.transform)
 
-    def open(self, src: bytes | str | Path) -> Image.Image:
-        """Read the header only (size checked against ``max_pixels``); ``img.width * img.height`` is the work."""
-        return open_image(src, max_pixels=self.max_pixels)
-
-    def load_opened(self, img: Image.Image) -> torch.Tensor:
-        """An image from ``open`` -> float ``(C, h, w)``: decode + preprocess; ``ImageError`` if unusable."""
-        try:
-            return self.preprocess(decode_image(img, self.spec.channels))
-        finally:
-            img.close()
-
-    def __call__(self, src: bytes | str | Path) -> torch.Tensor:
+    def __call__(self, src: bytes | str | Path | Image.Image) -> torch.Tensor:
         return self.preprocess(self.decode(src))
 
     def prepare(
         self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
     ) -> Prepared:
-        """Decode (an image from ``open`` too), then one input per face found, or the whole image as one input.
-
-        Faces are looked for when this loader has an aligner and ``detect``; otherwise the image
-        is taken as it is (an aligned chip, or any image for a non-face model): one entry whose box
-        is the whole image and whose score is None.
-        """
-        if isinstance(src, Image.Image):  # from ``open``: header read, size checked
-            try:
-                arr = decode_image(src, self.spec.channels)
-            finally:
-                src.close()
-        else:
-            arr = src if isinstance(src, np.ndarray) else self.decode(src)
+        """One input per face found (with an aligner and ``detect``), else the whole image as one input."""
+        arr = src if isinstance(src, np.ndarray) else self.decode(src)
         h, w = arr.shape[:2]
         if self.aligner is None or not detect:
             return Prepared([{"box": [0, 0, w, h], "score": None}], self.preprocess(arr)[None], (w, h))
@@ -176,10 +140,7 @@ class ImageLoader:
 
 
 class Predictor:
-    """Decode, preprocess, batch-forward and format, as the bundle says.
-
-    ``bundle`` is a bundle folder or an already loaded ``(module, BundleMeta)`` pair.
-    """
+    """Decode, preprocess, batch-forward and format, as the bundle (a folder or a loaded ``(module, meta)``) says."""
 
     def __init__(
         self,
@@ -190,35 +151,27 @@ class Predictor:
         runtime: str = "auto",
     ) -> None:
         self.device = auto_device(device)
-        meta = bundle[1] if isinstance(bundle, tuple) else read_meta(bundle)
-        folder = meta.path if isinstance(bundle, tuple) else Path(bundle)
-        # "onnx" or "torch" (pick_runtime); ONNX Runtime never needs the torch module: not built
+        loaded = isinstance(bundle, tuple)
+        self.meta = meta = bundle[1] if loaded else read_meta(bundle)
         # a loaded module handed in runs as it is unless runtime="onnx" asks for the bundle's graph
-        self.runtime = pick_runtime(
-            "torch" if isinstance(bundle, tuple) and runtime == "auto" else runtime, meta, self.device
-        )
+        self.runtime = pick_runtime("torch" if loaded and runtime == "auto" else runtime, meta, self.device)
         self.onnx: OnnxForward | None = None
-        model: nn.Module | None = None
-        if self.runtime == "onnx":
-            if folder is None:
+        self.model: nn.Module | None = None
+        if self.runtime == "onnx":  # ONNX Runtime never needs the torch module: not built
+            if meta.path is None:
                 raise BundleError("runtime 'onnx' needs the bundle's folder (its model.onnx), not a loaded module")
-            if not isinstance(bundle, tuple):
-                check_weights(folder, meta)  # every file of the bundle is as bundle.json says
-            self.onnx, self.meta = OnnxForward(read_onnx(folder, meta), meta), meta
-        elif isinstance(bundle, tuple):
-            model, self.meta = bundle
-            model = model.to(self.device).eval()
+            if not loaded:
+                check_weights(meta.path, meta)  # every file of the bundle is as bundle.json says
+            self.onnx = OnnxForward(read_onnx(meta.path, meta), meta)
+        elif loaded:
+            self.model = bundle[0].to(self.device).eval()
         else:
-            model, self.meta = load_bundle(bundle, device=self.device)
-        self.max_pixels = max_pixels
-        self.spec = self.meta.preprocess
-        self.model = model
-        # A model trained on aligned face chips: find and align faces first (data.faces.FaceStageError,
-        # one clear line, when dlib or the landmark model is missing).
+            self.model, self.meta = load_bundle(bundle, device=self.device)
+        self.max_pixels, self.spec, self.task = max_pixels, self.meta.preprocess, self.meta.task
+        # a face model: find and align faces first (data.faces.FaceStageError when dlib or its model is missing)
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
         self.loader = ImageLoader(self.spec, max_pixels, aligner)
-        self.task = self.meta.task
         self.class_names = self.meta.class_names or []
         self.target = self.meta.target or {}
         bins = self.meta.bins
@@ -231,18 +184,6 @@ class Predictor:
     @property
     def target_name(self) -> str:
         return str(self.target.get("name", "value"))
-
-    def decode(self, src: bytes | str | Path) -> np.ndarray:
-        """Bytes or a file -> uint8 ``(H, W, C)``; ``data.preprocess.ImageError`` if unusable."""
-        return self.loader.decode(src)
-
-    def preprocess(self, arr: np.ndarray) -> torch.Tensor:
-        """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
-        return self.loader.preprocess(arr)
-
-    def load(self, src: bytes | str | Path) -> torch.Tensor:
-        """decode + preprocess: bytes or a file -> float ``(C, h, w)``."""
-        return self.loader(src)
 
     @property
     def uses_faces(self) -> bool:
@@ -278,11 +219,8 @@ class Predictor:
         return out.cpu()
 
     def warm_up(self, max_batch_size: int, budget_s: float = 1.0) -> int:
-        """Run a forward at batch sizes 1, 2, ... ``max_batch_size`` until ``budget_s`` is spent; how many ran.
-
-        The first call at a batch size allocates (ONNX Runtime plans its memory for that shape): better
-        here, at start, than on the first requests.
-        """
+        """Forwards at batch sizes 1, 2, ... ``max_batch_size`` until ``budget_s`` is spent (ONNX Runtime plans
+        its memory per shape: at start, not on the first requests); how many ran."""
         c, (h, w) = self.spec.channels, self.spec.input_size
         start = time.perf_counter()
         for n in range(1, max_batch_size + 1):
@@ -303,37 +241,31 @@ class Predictor:
 
     def predict_files(self, srcs: Sequence[bytes | str | Path], top_k: int = 5) -> list[dict[str, Any]]:
         """Decode, forward as one batch, format: one dict per input (raises ``ImageError`` on a bad one)."""
-        batch = torch.stack([self.load(s) for s in srcs])  # (B, C, h, w)
+        batch = torch.stack([self.loader(s) for s in srcs])  # (B, C, h, w)
         return [self.format(row, top_k) for row in self.predict_tensors(batch)]
 
     def info(self) -> dict[str, Any]:
         """What ``GET /models`` shows: task, architecture, classes or target, input spec, test metrics, runtime."""
-        return {**describe(self.meta, self.max_pixels), "runtime": self.runtime}
-
-
-def describe(meta: BundleMeta, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """A bundle as ``GET /models`` shows it: task, architecture, classes or target, input, test metrics."""
-    spec = meta.preprocess
-    h, w = spec.input_size
-    out: dict[str, Any] = {
-        "task": meta.task,
-        "architecture": meta.architecture["name"],
-        "input": {
-            "height": h,
-            "width": w,
-            "channels": spec.channels,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "resize": spec.resize,
-            "max_pixels": max_pixels,
-        },
-        "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
-        "tta": list(meta.tta),
-        "faces": meta.faces,  # {"aligned", "size", "points" | "padding"}: faces are found and aligned first; None: not
-    }
-    if meta.task == "classification":
-        out["class_names"] = list(meta.class_names or [])
-    else:
-        out["target"] = {k: v for k, v in (meta.target or {}).items() if k != "bins"}
-        out["head"] = f"distribution over {len(meta.bins)} values" if meta.bins else "linear"
-    return out
+        meta, spec = self.meta, self.spec
+        out: dict[str, Any] = {
+            "task": meta.task,
+            "architecture": meta.architecture["name"],
+            "input": {
+                "height": spec.input_size[0],
+                "width": spec.input_size[1],
+                "channels": spec.channels,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "resize": spec.resize,
+                "max_pixels": self.max_pixels,
+            },
+            "metrics": {k: v for k, v in meta.metrics.items() if k.startswith("test")} or dict(meta.metrics),
+            "tta": list(meta.tta),
+            "faces": meta.faces,  # {"aligned", "size", "points" | "padding"}: faces are found and aligned first
+        }
+        if meta.task == "classification":
+            out["class_names"] = list(meta.class_names or [])
+        else:
+            out["target"] = {k: v for k, v in (meta.target or {}).items() if k != "bins"}
+            out["head"] = f"distribution over {len(meta.bins)} values" if meta.bins else "linear"
+        return {**out, "runtime": self.runtime}

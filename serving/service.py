@@ -3,24 +3,23 @@
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
     curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
     curl -F image=@photo.jpg -F max_faces=5 localhost:3000/estimate_age   # every face: box, score, age
-    curl localhost:3000/models          # the models this worker loaded
-    curl localhost:3000/stats           # this worker's batches, requests in flight, refusals
-    open http://localhost:3000/         # a page to try every served model in a browser (serving/page.py)
+    curl localhost:3000/models          # the models this worker loaded; /stats: its counters
+    open http://localhost:3000/         # a page to try every model (static/index.html, with a strict CSP)
 
-Every model is a ``serving.predictor.Predictor`` (the batch script uses the same class). Small
-images decode on the event loop, large ones and the face stage in a thread pool; a ``Batcher`` per
-model runs one forward over whatever has queued up. Settings: ``serving/settings.py``; guards (body
-limit, admission, strict multipart): ``serving/guards.py``; tokens: ``serving/auth.py``. Bad input
-gets a 4xx JSON ``{"error": ...}``, overload a 503 with ``Retry-After``, never a 500. Why each
-mechanism is there, with measurements: docs/SERVING.md.
+Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards:
+``serving/guards.py``; tokens: ``serving/auth.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503
+with ``Retry-After``, never a 500. How it runs and why, with measurements: docs/SERVING.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,27 +31,28 @@ import bentoml
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from data.preprocess import ImageError
-from serving import auth, page
+from serving import auth
 from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, load, strict_multipart
-from serving.predictor import Predictor, describe
+from serving.predictor import Predictor, Prepared
 from serving.settings import Settings, cpu_count
 
 SETTINGS = Settings.from_env()  # SettingsError: one line from `bentoml serve`, exit status 1
-SETTINGS.check_models()
+if bentoml.server_context.worker_index is None:  # `bentoml serve`; each worker's Predictors check their bundles
+    SETTINGS.check_models()
 MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_FACES)
 INLINE_PIXELS = 256 * 256  # images up to this many pixels (from the header) decode on the event loop
 INLINE_FORWARD_MS = 2.0  # forwards expected to take at most this run on the event loop when the worker is idle
 FULL_GC_S = 300  # seconds between full garbage collections (docs/SERVING.md, "Garbage collection")
+STATIC = Path(__file__).parent / "static"
 
 
 def full_collections_every(seconds: float) -> threading.Event:
-    """Python's full (generation 2) collections every ``seconds`` from a thread, not when Python decides:
-    BentoML's per-request 60 s timers made them stall a loaded worker for 45-140 ms every ~1.4 s. Set the
-    returned event to stop."""
+    """Python's full collections every ``seconds`` from a thread, not when Python decides (docs/SERVING.md,
+    "Garbage collection"). Set the returned event to stop."""
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, 1_000_000_000)  # generation 2 only when collected by hand
     stop = threading.Event()
@@ -66,16 +66,10 @@ def full_collections_every(seconds: float) -> threading.Event:
 
 
 class Batcher:
-    """Collect single inputs into batches for ``fn``; each caller gets its row of the output.
-
-    One FIFO queue, bounded by the admission limit in front of it (``max_queue`` only guards direct use).
-    The forward runs in one thread, so the event loop reads and decodes the next requests meanwhile and the
-    next batch is larger. A fast forward (``inline_ms``, from the measured time per input) runs on the event
-    loop instead when the worker holds no more than the batch (``load``): for a small model the hop to the
-    thread and back costs more than the forward, and a lone request then skips even the queue. torch runs
-    at ``threads`` threads, and at ``solo`` for a slow forward of a lone request of a lone client (the
-    machine is otherwise idle: its latency is all that counts).
-    """
+    """Collect single inputs into batches for ``fn`` (one FIFO queue, one forward thread); each caller gets its
+    row. A forward expected within ``inline_ms`` runs on the event loop when the worker holds no more than the
+    batch (``load``); a slow forward of a lone client runs at ``solo`` threads, others at ``threads``
+    (docs/SERVING.md, "How it runs")."""
 
     def __init__(
         self,
@@ -155,8 +149,8 @@ class Batcher:
                     f.set_result(row)
 
     def _timed(self, batch: torch.Tensor) -> torch.Tensor:
-        """``fn(batch)`` at the thread count for the load, its time per input folded into ``item_s``. Never runs
-        twice at once: the fast path in ``submit`` only while ``_run`` is idle, ``_run`` one batch at a time."""
+        """``fn(batch)`` at the thread count for the load, its time per input folded into ``item_s`` (never twice
+        at once: ``submit``'s fast path only while ``_run`` is idle)."""
         solo = len(batch) == 1 and self.item_s > self.inline_s and self.load() <= 1
         want = self.solo if solo else self.threads
         if torch.get_num_threads() != want:
@@ -176,20 +170,45 @@ async def _get_stats(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().stats())
 
 
-# GET routes (BentoML API routes are POST only) and the page at / (serving/page.py, which moves
-# BentoML's OpenAPI page to /docs): a tiny Starlette app mounted beside the APIs.
-info_app = Starlette(
-    routes=[
-        Route("/models", _get_models, methods=["GET"]),
-        Route("/stats", _get_stats, methods=["GET"]),
-        *page.routes,
-    ]
-)
+def content_security_policy(html: str) -> str:
+    """A CSP that lets run only the page's own inline ``<script>`` and ``<style>`` (by hash), fetch only this origin."""
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
-# Model references at class scope, so `bentoml build` packs them: one BentoModel per tag in SVERTKA_MODELS.
-# BentoML 1.4 finds them among the service class's attributes (dir(cls), so inherited ones too), not inside
-# a dict or list: each reference is an attribute of its own (model_0, model_1, ...) of this base class.
+PAGE = (STATIC / "index.html").read_text(encoding="utf-8")  # one file, inline CSS and JavaScript, no build step
+PAGE_HEADERS = {
+    "Content-Security-Policy": content_security_policy(PAGE),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def _get_page(request: Request) -> Response:
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+
+
+async def _get_openapi_docs(request: Request) -> Response:  # BentoML's OpenAPI page, which BentoML serves at /
+    import _bentoml_impl.server
+
+    return FileResponse(Path(_bentoml_impl.server.__file__).parent / "main-openapi.html")
+
+
+# GET routes beside the APIs (BentoML's API routes are POST only): the page at /, OpenAPI at /docs.
+GET_ROUTES = {"/models": _get_models, "/stats": _get_stats, "/": _get_page, "/docs": _get_openapi_docs}
+info_app = Starlette(routes=[Route(path, fn) for path, fn in GET_ROUTES.items()])
+
+
+# Model references at class scope, so `bentoml build` packs them: BentoML 1.4 finds them among the class's
+# attributes (inherited ones too), not inside a dict, so each is an attribute of its own of this base class.
 BENTO_MODELS = {tag: bentoml.models.BentoModel(tag) for tag in SETTINGS.models}  # configured tag -> reference
 ModelReferences = type("ModelReferences", (), {f"model_{i}": ref for i, ref in enumerate(BENTO_MODELS.values())})
 
@@ -198,9 +217,8 @@ ModelReferences = type("ModelReferences", (), {f"model_{i}": ref for i, ref in e
     name="svertka",
     workers=SETTINGS.workers,
     traffic={"timeout": 60},
-    # Off by default, each costs every request CPU (docs/SERVING.md); BentoML's own config turns them on,
-    # e.g. BENTOML_CONFIG_OPTIONS="services.svertka.metrics.enabled=true". Tracing: every URL is excluded,
-    # the documented off switch of the OpenTelemetry middleware BentoML always installs.
+    # Off by default, each costs every request CPU; BentoML's own config turns them on (docs/SERVING.md).
+    # Tracing: every URL excluded, the documented off switch of the middleware BentoML always installs.
     logging={"access": {"enabled": False}},
     metrics={"enabled": False},
     tracing={"excluded_urls": ".*"},
@@ -235,19 +253,16 @@ class Svertka(ModelReferences):
             )  # fmt: skip
             for alias in (configured, full, full.split(":")[0]):
                 self.aliases.setdefault(alias, full)
-            info = {"tag": full, "configured_as": configured, **describe(pred.meta, s.max_pixels)}
-            info["runtime"] = pred.runtime  # "onnx" (ONNX Runtime over model.onnx) or "torch"
+            info = {"tag": full, "configured_as": configured, **pred.info()}
             info["input"]["max_body_bytes"] = s.max_body_bytes
             self.models_info.append(info)
-        # Everything loaded so far (BentoML, torch, pydantic: a million objects) lives as long as the worker:
-        # out of the collector's sight, and full collections on a timer (docs/SERVING.md, "Garbage collection").
+        # What is loaded now lives as long as the worker: out of the collector's sight (docs/SERVING.md).
         gc.collect()
         gc.freeze()
         full_collections_every(FULL_GC_S)
 
     def stats(self) -> dict[str, Any]:
-        """This worker's counters: forward batches and their mean size, requests in flight, clients seen in the
-        last second, 503s."""
+        """This worker's counters: forward batches, requests in flight, clients seen in the last second, 503s."""
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
         inline = sum(b.inline for b in self.batchers.values())
@@ -280,17 +295,19 @@ class Svertka(ModelReferences):
             )
         return full, self.predictors[full]
 
-    async def _predict(self, tag: str, pred: Predictor, image: Path, top_k: int) -> dict[str, Any] | JSONResponse:
+    async def _inputs(
+        self, pred: Predictor, image: Path, max_faces: int | None = None, detect: bool = False
+    ) -> Prepared | JSONResponse:
+        """The upload's inputs or a 400: small images (by the header) decode here, large ones and faces in a thread."""
         try:
-            img = pred.loader.open(image.read_bytes())  # header only: size checked, nothing decoded
-            if img.width * img.height <= INLINE_PIXELS:  # small: a thread hop costs more than decoding
-                x = pred.loader.load_opened(img)  # decode + preprocess: (C, h, w)
-            else:  # large: decode in a thread so the event loop keeps serving everyone else
-                x = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.loader.load_opened, img)
+            img = pred.loader.open(image.read_bytes())
+            if not (pred.uses_faces and detect) and img.width * img.height <= INLINE_PIXELS:
+                return pred.prepare(img, max_faces, detect)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.decode_pool, pred.prepare, img, max_faces, detect
+            )
         except ImageError as e:
             return error(400, str(e))
-        out = await self.batchers[tag].submit(x)
-        return {**pred.format(out, top_k), "model": tag}
 
     # The APIs return their JSON as a starlette Response: BentoML passes it through as is, which skips
     # its generic output path (a JSON-schema build per response) and keeps `-> dict` for the OpenAPI docs.
@@ -305,33 +322,28 @@ class Svertka(ModelReferences):
         top_k = min(5, pred.num_classes) if top_k is None else top_k
         if not 1 <= top_k <= pred.num_classes:
             return error(400, f"top_k must be between 1 and {pred.num_classes} for model {tag!r}, got {top_k}")
-        result = await self._predict(tag, pred, image, top_k)
-        return JSONResponse(result) if isinstance(result, dict) else result
+        prep = await self._inputs(pred, image)
+        if isinstance(prep, JSONResponse):
+            return prep
+        out = await self.batchers[tag].submit(prep.inputs[0])  # (C, h, w) -> (N,)
+        return JSONResponse({**pred.format(out, top_k), "model": tag})
 
     @strict_multipart
     @bentoml.api(route="/estimate_age")
     async def estimate_age(
         self, image: Path, model: str | None = None, max_faces: int | None = None, detect: bool = True
     ) -> dict[str, Any]:
-        """Ages of the faces in a photo: ``{"faces": [{"box", "score", "age"}, ...], "model"}``, largest first.
-
-        ``detect=false``: the image already is an aligned face chip (one face, the whole image, score null).
-        """
+        """Ages of the faces in a photo, largest first: ``{"faces": [{"box", "score", "age"}, ...], "model"}``
+        (``detect=false``: the image is an aligned chip, one face, score null)."""
         picked = self._pick(model, "regression")
         if isinstance(picked, JSONResponse):
             return picked
         tag, pred = picked
         if max_faces is not None and not 1 <= max_faces <= MAX_FACES:
             return error(400, f"max_faces must be between 1 and {MAX_FACES}, got {max_faces}")
-        args = (max_faces or MAX_FACES, detect)
-        try:
-            img = pred.loader.open(image.read_bytes())  # header only: size checked, nothing decoded
-            if not (pred.uses_faces and detect) and img.width * img.height <= INLINE_PIXELS:
-                prep = pred.prepare(img, *args)  # small, no detection: a thread hop costs more
-            else:  # decode + detect + align + preprocess in a thread, off the event loop
-                prep = await asyncio.get_running_loop().run_in_executor(self.decode_pool, pred.prepare, img, *args)
-        except ImageError as e:
-            return error(400, str(e))
+        prep = await self._inputs(pred, image, max_faces or MAX_FACES, detect)
+        if isinstance(prep, JSONResponse):
+            return prep
         outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
         faces = [
             {"box": r["box"], "score": r["score"], "age": r[pred.target_name]}

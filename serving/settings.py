@@ -1,26 +1,11 @@
-"""The service's settings: ``SVERTKA_*`` environment variables, parsed and checked once.
+"""The service's settings: ``SVERTKA_*`` environment variables, parsed and checked once (the table, with
+defaults: docs/SERVING.md, "Settings").
 
-    >>> from serving.settings import Settings
     >>> Settings.from_env({"SVERTKA_MODELS": "quickstart", "SVERTKA_WORKERS": "2"}).models
     ('quickstart:latest',)
 
-A bad value raises ``SettingsError`` naming the variable. It is a ``BentoMLException``, so
-``bentoml serve`` prints it as one line (``Error: [serve] `serve` failed: SVERTKA_...``) and
-exits 1, without a traceback.
-
-    SVERTKA_MODELS            comma-separated BentoML model tags            (quickstart:latest)
-    SVERTKA_WORKERS           worker processes                              (CPU count, 1 with a GPU)
-    SVERTKA_TORCH_THREADS     torch threads per worker                      (CPU count / workers)
-    SVERTKA_DEVICE            cpu, cuda, cuda:1, ...                        (cuda when available)
-    SVERTKA_RUNTIME           onnx, torch, or auto: ONNX Runtime on a CPU when the bundle has model.onnx (auto)
-    SVERTKA_MAX_BATCH_SIZE    largest forward batch                         (32)
-    SVERTKA_BATCH_WAIT_MS     how long a batch waits for more requests      (0: take what is queued)
-    SVERTKA_MAX_IN_FLIGHT     requests one worker holds at once; past it 503 (64)
-    SVERTKA_MAX_BODY_BYTES    largest request body                          (20 MiB)
-    SVERTKA_MAX_PIXELS        largest image (width x height), from its header (40 M)
-
-Access log, Prometheus metrics and tracing are BentoML's own settings, off here by default (each costs
-every request CPU): ``BENTOML_CONFIG_OPTIONS="services.svertka.metrics.enabled=true"`` (docs/SERVING.md).
+A bad value raises ``SettingsError`` naming the variable: a ``BentoMLException``, so ``bentoml serve`` prints
+it as one line (``Error: [serve] `serve` failed: SVERTKA_...``) and exits 1, without a traceback.
 """
 
 from __future__ import annotations
@@ -30,9 +15,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import bentoml
+import torch
 from bentoml.exceptions import BentoMLException
 
 from data.preprocess import DEFAULT_MAX_PIXELS
+from serving.predictor import RUNTIMES
 
 DEFAULT_MODELS = "quickstart:latest"
 _BENTOML = "BENTOML_CONFIG_OPTIONS=services.svertka."
@@ -73,12 +61,6 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def parse_tags(raw: str) -> tuple[str, ...]:
-    """``"a, b:v1"`` -> ``("a:latest", "b:v1")``, in order, without repeats."""
-    tags = [t.strip() if ":" in t else f"{t.strip()}:latest" for t in raw.split(",") if t.strip()]
-    return tuple(dict.fromkeys(tags))
-
-
 @dataclass(frozen=True)
 class Settings:
     """Every ``SVERTKA_*`` setting of the service, checked."""
@@ -98,23 +80,27 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Parse ``env`` (default ``os.environ``); ``SettingsError`` on the first bad value."""
         env = os.environ if env is None else env
-        import bentoml
-
         # once, from `bentoml serve` itself (or a direct call): not again from every worker
         for name in sorted(REMOVED.keys() & env.keys()) if bentoml.server_context.worker_index is None else []:
             print(f"warning: {name} is no longer read: {REMOVED[name]}", file=sys.stderr, flush=True)
-        models = parse_tags(env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS)
+        raw = [t.strip() for t in (env.get("SVERTKA_MODELS", "").strip() or DEFAULT_MODELS).split(",") if t.strip()]
+        models = tuple(dict.fromkeys(t if ":" in t else f"{t}:latest" for t in raw))  # "a, b:v1" -> a:latest, b:v1
         if not models:
             raise SettingsError("SVERTKA_MODELS names no model")
         device = env.get("SVERTKA_DEVICE", "").strip() or None
-        use_gpu = device != "cpu" and _cuda_available()
+        runtime = env.get("SVERTKA_RUNTIME", "").strip().lower() or "auto"
+        if runtime not in RUNTIMES:
+            raise SettingsError(f"SVERTKA_RUNTIME={runtime!r} must be auto, onnx or torch")
+        if runtime == "onnx" and (device or "").startswith("cuda"):
+            raise SettingsError(f"SVERTKA_RUNTIME=onnx runs on the CPU (ONNX Runtime), not SVERTKA_DEVICE={device}")
+        use_gpu = device != "cpu" and torch.cuda.is_available()
         workers = _int(env, "SVERTKA_WORKERS", 1 if use_gpu else cpu_count(), minimum=1)
         return cls(
             models=models,
             workers=workers,
             torch_threads=_int(env, "SVERTKA_TORCH_THREADS", max(1, cpu_count() // workers), minimum=1),
             device=device,
-            runtime=_runtime(env, device),
+            runtime=runtime,
             max_batch_size=_int(env, "SVERTKA_MAX_BATCH_SIZE", 32, minimum=1),
             batch_wait_ms=_int(env, "SVERTKA_BATCH_WAIT_MS", 0),
             max_in_flight=_int(env, "SVERTKA_MAX_IN_FLIGHT", 64, minimum=1),
@@ -148,18 +134,3 @@ class Settings:
                     check_available(folder)
             except FaceStageError as e:
                 raise SettingsError(f"SVERTKA_MODELS names {tag!r}, whose model needs face detection: {e}") from None
-
-
-def _runtime(env: Mapping[str, str], device: str | None) -> str:
-    raw = env.get("SVERTKA_RUNTIME", "").strip().lower() or "auto"
-    if raw not in ("auto", "onnx", "torch"):
-        raise SettingsError(f"SVERTKA_RUNTIME={raw!r} must be auto, onnx or torch")
-    if raw == "onnx" and (device or "").startswith("cuda"):
-        raise SettingsError(f"SVERTKA_RUNTIME=onnx runs on the CPU (ONNX Runtime), not SVERTKA_DEVICE={device}")
-    return raw
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -88,6 +88,18 @@ def test_prenormalized_tensor_equals_eval_transform() -> None:
         torch.testing.assert_close(ds.x[i], ref, atol=1e-6, rtol=0)
 
 
+def test_normalize_array_is_eval_transform_to_the_bit_across_chunks() -> None:
+    from data.datasets import normalize_array
+
+    spec = PreprocessSpec(input_size=(64, 64), channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images = np.random.default_rng(0).integers(0, 256, (800, 64, 64, 3), dtype=np.uint8)  # 3 chunks of 341
+    x = normalize_array(images, spec)
+    tf = eval_transform(spec)
+    assert x.shape == (800, 3, 64, 64) and x.dtype == torch.float32
+    for i in (0, 340, 341, 682, 799):  # first and last image of each chunk
+        assert torch.equal(x[i], tf(image=images[i])["image"])
+
+
 # ---------- augmentation ----------
 AUG = Augment(hflip=0.5, shift=0.1, scale=0.1, rotate=15, affine_p=1.0, brightness_contrast=0.2, coarse_dropout=0.5,
               random_crop_padding=2)  # fmt: skip

@@ -177,7 +177,7 @@ def pipeline(
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
-    cwd = os.getcwd()  # absolute paths, as given (Path.resolve, 1.3 s for 19,362 files, was on the critical path)
+    cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
     items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
     workers = pool_size(opts)
     # big jobs: a few batches per actor task; small ones: still spread over the pool

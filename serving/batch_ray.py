@@ -67,11 +67,8 @@ class RayOptions:
 
 
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows.
-
-    It reads the files itself, as the local engine's decoding workers do (``serving.batch.ImageFiles``,
-    ``collate``, ``label``): only paths reach it and only rows leave it.
-    """
+    """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows, read,
+    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``."""
 
     def __init__(
         self,
@@ -180,10 +177,11 @@ def pipeline(
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
-    items = [{"file": str(p.resolve()), "path": s} for p, s in zip(paths, shown, strict=True)]
+    cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
+    items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
     workers = pool_size(opts)
-    per_block = min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers)))
-    per_block = max(1, per_block)  # big jobs: a few batches per actor task; small ones: still spread over the pool
+    # big jobs: a few batches per actor task; small ones: still spread over the pool
+    per_block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
     return (
         # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
         ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(

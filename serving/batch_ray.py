@@ -1,21 +1,22 @@
-"""The Ray Data engine of the batch script: label millions of files on a Ray cluster.
+"""The Ray engine of the batch script: label millions of files on a Ray cluster.
 
     python -m serving.batch --model utkface_age:latest --input faces.csv --output ages/ --engine ray
     python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages.parquet \
         --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
 ``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``) mapped
-by a pool of model actors (``Forward``; ``--workers``, default as many as the cluster's CPUs hold):
-each holds one ``serving.predictor.Predictor`` and reads, decodes (faces: detects and aligns),
-predicts and builds the rows of its batches with the local engine's own functions, so only paths
-travel to the actors and only rows come back. The bundle's files travel through Ray's object store,
-so actors on other machines need no copy of it; the input files must be readable at the same path
-on every node (a shared file system).
+calls ``run_ray``. The job is cut into blocks of ``(file, path)`` rows handed to a pool of Ray
+actors (``Forward``; ``--workers``, default as many as the cluster's CPUs hold), each kept two blocks
+deep: each actor holds one ``serving.predictor.Predictor`` and reads, decodes (faces: detects and
+aligns), predicts and builds the rows of its blocks with the local engine's own functions, so only
+paths travel to the actors and only rows come back. The bundle's files travel through Ray's object
+store, so actors on other machines need no copy of it; the input files must be readable at the same
+path on every node (a shared file system). Plain Ray actors, not Ray Data: Ray Data starts three
+service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's start-up.
 
-Faults: Ray Data's actor pool restarts a dead actor and runs the batches it held again (its
-defaults ``max_restarts=-1``, ``max_task_retries=-1``); the driver receives each block once, in
-input order (``preserve_order``), and streams it into the outputs' temporary names, renamed at the end.
+Faults: a dead actor is restarted and runs again the blocks it held (``max_restarts=-1``,
+``max_task_retries=-1``); the driver takes each block once, in input order, and streams it into the
+outputs' temporary names, renamed at the end.
 Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores (more
 if ``--workers x --cpus-per-worker`` asks for more). Only this module imports Ray.
 """
@@ -28,13 +29,12 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -53,6 +53,7 @@ from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
+IN_FLIGHT = 2  # blocks given to each actor at a time: one to run, one waiting (its inputs already there)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ class Forward:
         self.top_k, self.detect, self.max_faces = top_k, detect, max_faces
         self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, self.max_faces, self.detect)
-        shown = [str(p) for p in batch["path"]]
-        rows = label(
-            self.predictor, *collate(list(self.pool.map(files.__getitem__, range(len(files))))), shown, self.top_k
-        )
+    def __call__(self, files: list[str], shown: list[str], batch_size: int) -> pd.DataFrame:
+        """One block: ``files`` (absolute paths) shown as ``shown`` -> their output rows, ``batch_size`` at a time."""
+        rows = []
+        for at in range(0, len(files), batch_size):
+            read = ImageFiles(files[at : at + batch_size], self.predictor.loader, self.max_faces, self.detect)
+            items = collate(list(self.pool.map(read.__getitem__, range(len(read)))))
+            rows += label(self.predictor, *items, shown[at : at + batch_size], self.top_k)
         return to_table([r for per_file in rows for r in per_file], self.predictor, self.top_k)
 
 
@@ -156,7 +158,7 @@ def bundle_files(bundle: Path) -> dict[str, bytes]:
     return {name: (bundle / name).read_bytes() for name in names}
 
 
-def pipeline(
+def blocks(
     predictor: Predictor,
     bundle: Path,
     paths: Sequence[Path],
@@ -167,42 +169,49 @@ def pipeline(
     opts: RayOptions,
     detect: bool = True,
     max_faces: int | None = None,
-) -> Any:
-    """The lazy dataset: ``(file, path)`` rows -> the actor pool (read, decode, predict) -> output rows."""
+) -> Iterator[pd.DataFrame]:
+    """The output rows, one block (``batch_size x BATCHES_PER_BLOCK`` files) at a time, in input order: the blocks
+    go to the actor pool (read, decode, predict), each actor kept ``IN_FLIGHT`` blocks deep."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows come back in input order, as the local engine writes them
-    ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
-    items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
+    files = [os.path.join(cwd, p) for p in paths]
     workers = pool_size(opts)
     # big jobs: a few batches per actor task; small ones: still spread over the pool
-    per_block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
-    return (
-        # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
-        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(
-            Forward,
-            batch_size=batch_size,
-            fn_constructor_args=(
-                [ray.put(bundle_files(bundle))],
-                device,
-                predictor.max_pixels,
-                top_k,
-                max(1, int(opts.cpus_per_worker)),
-                opts.runtime,
-                detect,
-                max_faces,
-            ),
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=opts.cpus_per_worker,
-            num_gpus=opts.gpus_per_worker or None,
-            batch_format="numpy",
-        )
+    per_block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * workers))))
+    starts = range(0, len(files), per_block)
+    actor = ray.remote(Forward).options(
+        num_cpus=opts.cpus_per_worker,
+        num_gpus=opts.gpus_per_worker or None,
+        max_restarts=-1,  # a dead actor comes back and runs again the blocks it held
+        max_task_retries=-1,
     )
+    args = (device, predictor.max_pixels, top_k, max(1, int(opts.cpus_per_worker)), opts.runtime, detect, max_faces)
+    shipped = [ray.put(bundle_files(bundle))]  # in a list: the actor fetches it (a bare ref would be resolved first)
+    pool = [actor.remote(shipped, *args) for _ in range(workers)]
+    todo = iter(enumerate(starts))
+    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, actor)
+    done: dict[int, Any] = {}  # finished out of order, waiting for an earlier block
+    wanted = 0
+
+    def submit(worker: Any) -> None:
+        if (job := next(todo, None)) is not None:
+            i, at = job
+            ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]), batch_size)
+            running[ref] = (i, worker)
+
+    for worker in pool:
+        for _ in range(IN_FLIGHT):
+            submit(worker)
+    while running or done:
+        while wanted in done:
+            yield ray.get(done.pop(wanted))
+            wanted += 1
+        if running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i, worker = running.pop(ref)
+            done[i] = ref
+            submit(worker)
 
 
 def pool_size(opts: RayOptions) -> int:
@@ -260,9 +269,7 @@ def run_ray(
             pending = []
 
         try:
-            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces)
-            for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
-                block = block.astype(to_table([], predictor, top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
+            for block in blocks(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces):
                 counts = error_counts(block)
                 rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
                 if keep:

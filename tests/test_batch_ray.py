@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 batch_ray = pytest.importorskip("serving.batch_ray")
 
 REPO = Path(__file__).resolve().parents[1]
-ACTOR_TITLE = b"ray::MapWorker(MapBatches(Forward))"
+ACTOR_TITLE = b"ray::Forward"
 
 
 def make_bundles(root: Path) -> dict[str, Path]:

@@ -18,7 +18,8 @@ Faults: a dead actor is restarted and runs again the blocks it held (``max_resta
 ``max_task_retries=-1``); the driver takes each block once, in input order, and streams it into the
 outputs' temporary names, renamed at the end.
 Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores (more
-if ``--workers x --cpus-per-worker`` asks for more). Only this module imports Ray.
+if ``--workers x --cpus-per-worker`` asks for more), in a thread as soon as the script runs
+(``serving.ray_start``). Only this module and that one import Ray.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from serving.batch_output import (
     write_outputs,
 )
 from serving.predictor import Predictor
+from serving.ray_start import init_local, local_cpus, take_early
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
@@ -107,14 +109,16 @@ class Forward:
 
 
 def connect(opts: RayOptions) -> bool:
-    """Join the cluster at ``opts.address``, or start a local Ray sized for decoding + actors; True if started here."""
+    """Join the cluster at ``opts.address``, or start a local Ray sized for the actors (or take the one
+    ``serving.ray_start`` started as the script began); True if started here."""
     import ray
 
     if opts.address:
         check_reachable(opts.address)
-    if ray.is_initialized():  # called from a Ray driver that is already connected (e.g. the tests' session)
+    cpus = local_cpus(opts.workers, opts.cpus_per_worker)
+    early = None if opts.address else take_early(cpus)
+    if early is None and ray.is_initialized():  # a Ray driver already connected (e.g. the tests' session)
         return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
     try:
         if opts.address:
             import data
@@ -122,15 +126,12 @@ def connect(opts: RayOptions) -> bool:
             import serving
 
             # The cluster's Python needs svertka's dependencies; its own code travels with the job.
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
+        elif early is not None:
+            early.result()  # started while the script imported and listed its inputs; its error, if any
         else:
-            cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or 0) * opts.cpus_per_worker))
-            # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
-            # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
-            # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            # "local": a new Ray of our own, even when `ray start --head` runs on this machine
-            ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+            init_local(cpus)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"--address {opts.address}" if opts.address else "--engine ray"
         hint = ""

@@ -138,22 +138,16 @@ def check_output(spec: str) -> Path:
 
 
 def predict(
-    predictor: Predictor,
-    paths: Sequence[Path],
-    shown: Sequence[str],
-    batch_size: int = 64,
-    workers: int = 2,
-    top_k: int = 5,
-    progress: bool | None = None,
-    detect: bool = True,
-    max_faces: int | None = None,
+    predictor: Predictor, paths: Sequence[Path], shown: Sequence[str], args: argparse.Namespace
 ) -> pd.DataFrame:
-    """Rows in input order (``build_rows``): predictions per file or per face, or an ``error``."""
+    """The local engine, with the checked options ``args``: rows in input order (``build_rows``), predictions per
+    file or per face, or an ``error``."""
     from tqdm import tqdm
 
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     loader = DataLoader(
-        ImageFiles(paths, predictor.loader, max_faces, detect),
-        batch_size=batch_size,
+        ImageFiles(paths, predictor.loader, args.max_faces, args.detect),
+        batch_size=args.batch_size,
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_worker_init if workers else None,
@@ -161,13 +155,14 @@ def predict(
         persistent_workers=False,
     )
     rows: list[list[dict[str, Any]]] = [[] for _ in paths]
+    progress = args.progress
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
     for files, batch in loader:
-        for (i, *_), per_file in zip(files, label(predictor, files, batch, shown, top_k), strict=True):
+        for (i, *_), per_file in zip(files, label(predictor, files, batch, shown, args.top_k), strict=True):
             rows[i] = per_file
         bar.update(len(files))
     bar.close()
-    return to_table([r for per_file in rows for r in per_file], predictor, top_k)
+    return to_table([r for per_file in rows for r in per_file], predictor, args.top_k)
 
 
 def label(
@@ -320,22 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         truth = read_truth(args.truth, predictor) if args.truth else None
         if args.engine == "ray":
-            from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
+            from serving.batch_ray import run_ray  # imports ray: only for this engine
 
-            ray_opts = RayOptions(
-                args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker, args.runtime
-            )  # fmt: skip
-            table, rows, bad, faceless = run_ray(
-                predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
-                progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
-            )  # fmt: skip
+            table, rows, bad, faceless = run_ray(predictor, bundle, paths, shown, outputs, args, truth is not None)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         else:
-            workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-            table = predict(
-                predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress,
-                detect=args.detect, max_faces=args.max_faces,
-            )  # fmt: skip
+            table = predict(predictor, paths, shown, args)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
             write_outputs(table, outputs)
             rows, (bad, faceless) = len(table), error_counts(table)

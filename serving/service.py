@@ -35,7 +35,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from data.preprocess import ImageError
-from serving import auth
+from serving import auth, guards
 from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, load, strict_multipart
 from serving.predictor import Predictor, Prepared
 from serving.settings import Settings, cpu_count
@@ -361,7 +361,7 @@ class Svertka(ModelReferences):
 # Outermost first: refuse a missing token and overload before anything reads the body, then the body limit.
 TOKENS = auth.startup()
 if TOKENS is not None:  # no token configured: no layer at all (each costs every request a little)
-    Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=TOKENS)
+    Svertka.add_asgi_middleware(guards.TokenAuthMiddleware, tokens=TOKENS)
 Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=SETTINGS.max_in_flight)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
 # What a 404 names: the APIs (POST), the GET routes of info_app (the page at /, OpenAPI at /docs), the probe.

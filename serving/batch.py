@@ -1,14 +1,11 @@
 """Label a folder, CSV or glob of images offline with a bundle; write one CSV/Parquet row per input.
 
-    python -m serving.batch --model artifacts/quickstart --input photos/ --output labels.csv
     python -m serving.batch --model utkface_age:latest --input 'faces/**/*.jpg' --output ages.parquet
-    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --engine ray
     python -m serving.batch --model artifacts/utkface_age --input utk_test/ --output ages.csv --truth labels.csv
 
-The same ``serving.predictor.Predictor`` as the service, decoding in DataLoader workers; rows in input order,
-a face model's one per face, an ``error`` for a file that cannot be read (``data.imagefile.read_or_error``);
-every engine builds them with ``serving.batch_output``, whose outputs appear whole or not at all. ``--engine
-ray``: ``serving/batch_ray.py``. Options, columns, ``--truth``: docs/SERVING.md, "Batch predictions".
+The same ``serving.predictor.Predictor`` as the service, decoding in DataLoader workers; rows (and outputs, whole
+or not at all) from ``serving.batch_output``; ``--engine ray``: ``serving/batch_ray.py``. Options, columns,
+``--truth``: docs/SERVING.md, "Batch predictions".
 """
 
 from __future__ import annotations
@@ -31,16 +28,7 @@ from data.faces import FaceStageError
 from data.imagefile import IMAGE_SUFFIXES, read_or_error
 from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
-from serving.batch_output import (
-    OUTPUT_EXTS,
-    FatalError,
-    build_rows,
-    error_counts,
-    is_dataset,
-    temp_name,
-    to_table,
-    write_outputs,
-)
+from serving.batch_output import FatalError, build_rows, check_output, error_counts, temp_name, to_table, write_outputs
 from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
@@ -118,23 +106,6 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
     if not found:
         raise FatalError(f"--input {spec}: no such folder or CSV, and no files match it as a glob")
     return found, [str(p) for p in found]
-
-
-def check_output(spec: str) -> Path:
-    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
-    out = Path(spec)
-    if is_dataset(spec):
-        if out.exists():
-            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
-    elif out.suffix.lower() not in OUTPUT_EXTS:
-        raise FatalError(
-            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
-        )
-    elif out.is_dir():
-        raise FatalError(f"--output {spec}: is a folder")
-    if not out.parent.is_dir():
-        raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
-    return out
 
 
 def predict(

@@ -1,7 +1,5 @@
-"""The batch script's output, the same for every engine: rows, columns, and whole-or-nothing writes.
-
-``serving.batch`` (the local engine) and ``serving.batch_ray`` both build their rows with
-``build_rows`` and their tables with ``to_table``, and write them with ``write_outputs``.
+"""The batch script's output, the same for every engine (``serving.batch``, ``serving.batch_ray``): the
+``--output`` check, rows (``build_rows``), columns (``to_table``) and whole-or-nothing writes (``write_outputs``).
 """
 
 from __future__ import annotations
@@ -27,6 +25,23 @@ class FatalError(Exception):
 def is_dataset(spec: str | Path) -> bool:
     """An ``--output`` ending in ``/`` names a Parquet dataset folder (one file per block)."""
     return str(spec).endswith(("/", os.sep))
+
+
+def check_output(spec: str) -> Path:
+    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
+    out = Path(spec)
+    if is_dataset(spec):
+        if out.exists():
+            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
+    elif out.suffix.lower() not in OUTPUT_EXTS:
+        raise FatalError(
+            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
+        )
+    elif out.is_dir():
+        raise FatalError(f"--output {spec}: is a folder")
+    if not out.parent.is_dir():
+        raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
+    return out
 
 
 def temp_name(out: Path) -> Path:

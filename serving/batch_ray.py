@@ -29,15 +29,7 @@ import torch
 
 from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
-from serving.batch_output import (
-    FatalError,
-    error_counts,
-    is_dataset,
-    remove,
-    temp_name,
-    to_table,
-    write_outputs,
-)
+from serving.batch_output import FatalError, error_counts, is_dataset, remove, temp_name, to_table, write_outputs
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)

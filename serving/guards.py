@@ -4,9 +4,7 @@ with files where files belong (400), and the routers' plain-text 404 and 405 (as
 the methods allowed).
 
     Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)     # likewise the other middlewares
-    @strict_multipart
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Path, ...) -> dict: ...
+    @strict_multipart                                                       # on a @bentoml.api method
 """
 
 from __future__ import annotations
@@ -160,18 +158,12 @@ class AdmissionMiddleware:
     past ``window_s`` (in-flight alone cannot tell one client from 32: docs/SERVING.md)."""
 
     current: AdmissionMiddleware | None = None  # the one built last in this process (one per worker)
+    retry_after = {"Retry-After": "1"}
+    drain_bytes = 32 << 20
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_in_flight: int,
-        retry_after_s: int = 1,
-        drain_bytes: int = 32 << 20,
-        window_s: float = 1.0,
-    ) -> None:
-        self.app, self.max_in_flight, self.drain_bytes, self.window_s = app, max_in_flight, drain_bytes, window_s
+    def __init__(self, app: ASGIApp, max_in_flight: int, window_s: float = 1.0) -> None:
+        self.app, self.max_in_flight, self.window_s = app, max_in_flight, window_s
         self.in_flight = self.refused = self.recent_clients = 0
-        self.headers = {"Retry-After": str(retry_after_s)}
         self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests]
         self.next_prune = 0.0
         AdmissionMiddleware.current = self
@@ -196,7 +188,7 @@ class AdmissionMiddleware:
                 f"server busy: this worker already holds {self.in_flight} requests (SVERTKA_MAX_IN_FLIGHT); retry later"
             )
             await self._drain(receive)
-            return await error(503, reason, self.headers)(scope, receive, send)
+            return await error(503, reason, self.retry_after)(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)

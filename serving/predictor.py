@@ -1,13 +1,9 @@
-"""One predictor for the HTTP service and the batch script, so the two cannot drift.
+"""One predictor for the HTTP service and the batch script, so the two cannot drift: everything comes from the
+bundle (``models.bundle``), and ``runtime`` picks ONNX Runtime or torch (docs/SERVING.md, "Settings").
 
-    >>> p = Predictor("artifacts/quickstart")                  # a bundle folder (or (module, meta))
-    >>> p.predict_files(["shirt.png"], top_k=3)
+    >>> Predictor("artifacts/quickstart").predict_files(["shirt.png"], top_k=3)
     [{'label': 'Shirt', 'score': 0.91, 'top_k': [{'label': 'Shirt', 'score': 0.91}, ...]}]
     >>> prep = Predictor("artifacts/utkface_age").prepare("group.jpg", max_faces=5)  # a face model: faces first
-
-Everything comes from the bundle (``models.bundle``): network, class names or target, eval preprocessing
-and, for a face model, the chip framing (``data.faces``). ``runtime``: ``onnx`` (ONNX Runtime over
-``model.onnx``, CPU, at ``torch.get_num_threads()`` threads), ``torch``, or ``auto`` (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -29,20 +25,11 @@ from data.preprocess import (
     PreprocessSpec,
     decode_image,
     eval_transform,
-    load_image,
     open_image,
     preprocess,
 )
 from models import heads
 from models.bundle import BundleError, BundleMeta, check_weights, load_bundle, read_meta, read_onnx
-
-
-def auto_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 RUNTIMES = ("auto", "onnx", "torch")
 
@@ -110,13 +97,12 @@ class ImageLoader:
         return open_image(src, max_pixels=self.max_pixels)
 
     def decode(self, src: bytes | str | Path | Image.Image) -> np.ndarray:
-        """Bytes, a file or an image from ``open`` -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
-        if not isinstance(src, Image.Image):
-            return load_image(src, channels=self.spec.channels, max_pixels=self.max_pixels)
+        """Bytes, a file or an image from ``open`` (closed here) -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
+        img = src if isinstance(src, Image.Image) else self.open(src)
         try:
-            return decode_image(src, self.spec.channels)
+            return decode_image(img, self.spec.channels)
         finally:
-            src.close()
+            img.close()
 
     def preprocess(self, arr: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
@@ -150,7 +136,8 @@ class Predictor:
         face_settings: DetectSettings | None = None,
         runtime: str = "auto",
     ) -> None:
-        self.device = auto_device(device)
+        auto = device is None or str(device) == "auto"  # CUDA when available, else CPU
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else device)
         loaded = isinstance(bundle, tuple)
         self.meta = meta = bundle[1] if loaded else read_meta(bundle)
         # a loaded module handed in runs as it is unless runtime="onnx" asks for the bundle's graph

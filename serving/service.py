@@ -1,14 +1,11 @@
 """BentoML service: classify images and estimate ages with the bundles in BentoML's model store.
 
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
-    curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
-    curl -F image=@photo.jpg -F max_faces=5 localhost:3000/estimate_age   # every face: box, score, age
-    curl localhost:3000/models          # the models this worker loaded; /stats: its counters
-    open http://localhost:3000/         # a page to try every model (static/index.html, with a strict CSP)
+    curl -F image=@shirt.png -F top_k=3 localhost:3000/classify     # also /estimate_age, /models, /stats; the page: /
 
-Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards:
-``serving/guards.py``; tokens: ``serving/auth.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503
-with ``Retry-After``, never a 500. How it runs and why, with measurements: docs/SERVING.md.
+Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards
+(tokens too): ``serving/guards.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503 with
+``Retry-After``, never a 500. The endpoints, how it runs and why, with measurements: docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -265,17 +262,13 @@ class Svertka(ModelReferences):
         """This worker's counters: forward batches, requests in flight, clients seen in the last second, 503s."""
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
-        inline = sum(b.inline for b in self.batchers.values())
-        admission = AdmissionMiddleware.current
         return {
             "pid": os.getpid(),
             "batches": batches,
             "batched_requests": items,
             "mean_batch_size": items / batches if batches else None,
-            "inline_batches": inline,
-            "in_flight": admission.in_flight if admission else None,
-            "recent_clients": admission.recent_clients if admission else None,
-            "refused": admission.refused if admission else None,
+            "inline_batches": sum(b.inline for b in self.batchers.values()),
+            **{k: getattr(AdmissionMiddleware.current, k, None) for k in ("in_flight", "recent_clients", "refused")},
             "max_in_flight": SETTINGS.max_in_flight,
         }
 

@@ -28,7 +28,7 @@ from data.faces import FaceStageError
 from data.imagefile import IMAGE_SUFFIXES, read_or_error
 from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
-from serving.batch_output import FatalError, build_rows, check_output, error_counts, temp_name, to_table, write_outputs
+from serving.batch_output import FatalError, build_rows, check_output, temp_name, to_table, write_outputs
 from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
@@ -125,15 +125,14 @@ def predict(
         pin_memory=predictor.device.type == "cuda",
         persistent_workers=False,
     )
-    rows: list[list[dict[str, Any]]] = [[] for _ in paths]
+    rows: list[dict[str, Any]] = []
     progress = args.progress
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
-    for files, batch in loader:
-        for (i, *_), per_file in zip(files, label(predictor, files, batch, shown, args.top_k), strict=True):
-            rows[i] = per_file
+    for files, batch in loader:  # in input order
+        rows += label(predictor, files, batch, shown, args.top_k)
         bar.update(len(files))
     bar.close()
-    return to_table([r for per_file in rows for r in per_file], predictor, args.top_k)
+    return to_table(rows, predictor, args.top_k)
 
 
 def label(
@@ -142,19 +141,19 @@ def label(
     batch: torch.Tensor | None,
     shown: Sequence[str],
     top_k: int,
-) -> list[list[dict[str, Any]]]:
-    """One ``collate``d batch -> each file's rows (``build_rows``): the forward and the rows of every engine."""
+) -> list[dict[str, Any]]:
+    """One ``collate``d batch -> its files' rows in order (``build_rows``): the forward and the rows of every engine."""
     out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
     rows, at = [], 0
     for i, faces, n, err in files:
         mine = None if err is not None else out[at : at + n] if out is not None else torch.zeros(0)
-        rows.append(build_rows(predictor, shown[i], mine, err, top_k, faces))
+        rows += build_rows(predictor, shown[i], mine, err, top_k, faces)
         at += n
     return rows
 
 
-def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
-    """The ``--truth`` CSV as ``key`` (path or file name) + ``truth`` columns; ``FatalError`` if unusable."""
+def read_truth(spec: str, predictor: Predictor) -> dict[str, Any]:
+    """The ``--truth`` CSV as {path or file name: true answer}; ``FatalError`` if unusable."""
     path = Path(spec)
     if not path.is_file():
         raise FatalError(f"--truth {spec}: no such file")
@@ -165,18 +164,17 @@ def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
         raise FatalError(
             f"--truth {spec}: needs a 'path' or 'name' column and a {column!r} column (has: {', '.join(table.columns)})"
         )
-    out = pd.DataFrame({"key": table[key], "truth": table[column]})
+    truth = table[column]
     if predictor.task != "classification":
-        out["truth"] = pd.to_numeric(out["truth"], errors="coerce")
-        if out["truth"].isna().any():
-            row = int(out["truth"].isna().to_numpy().nonzero()[0][0]) + 2
+        truth = pd.to_numeric(truth, errors="coerce")
+        if truth.isna().any():
+            row = int(truth.isna().to_numpy().nonzero()[0][0]) + 2
             raise FatalError(f"--truth {spec}: line {row}: {column!r} is not a number")
-    return out
+    return dict(zip(table[key], truth, strict=True))
 
 
-def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: str) -> dict[str, float]:
-    """Metrics of the predicted rows that have a truth (matched by path, else by file name)."""
-    by_path = dict(zip(truth["key"], truth["truth"], strict=True))
+def score(table: pd.DataFrame, by_path: dict[str, Any], predictor: Predictor, spec: str) -> dict[str, float]:
+    """Metrics of the predicted rows that have a truth (``by_path``: ``read_truth``; by path, else by file name)."""
     by_name = {Path(k).name: v for k, v in by_path.items()}
     rows = table[table["error"].isna()]
     if "face" in rows.columns:  # a face model: the largest face of each photo is scored
@@ -293,8 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             table = predict(predictor, paths, shown, args)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
-            write_outputs(table, outputs)
-            rows, (bad, faceless) = len(table), error_counts(table)
+            _, rows, bad, faceless = write_outputs([table], outputs)
         if metrics is not None:
             metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
             tmp = temp_name(metrics_file)

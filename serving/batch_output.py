@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,6 @@ import pandas as pd
 import torch
 
 from serving.predictor import Predictor
-
-OUTPUT_EXTS = (".csv", ".parquet")
 
 
 class FatalError(Exception):
@@ -33,7 +32,7 @@ def check_output(spec: str) -> Path:
     if is_dataset(spec):
         if out.exists():
             raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
-    elif out.suffix.lower() not in OUTPUT_EXTS:
+    elif out.suffix.lower() not in (".csv", ".parquet"):
         raise FatalError(
             f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
         )
@@ -58,30 +57,53 @@ def remove(path: Path) -> None:
 
 
 def write_outputs(
-    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
-) -> None:
-    """Write every ``(spec, path)`` output to its temporary name, then rename each into place: whole outputs or none
-    (temporaries removed on failure). A temporary folder in ``prewritten`` is already filled (the Ray engine)."""
-    written: list[tuple[Path, Path]] = []
+    blocks: Iterable[pd.DataFrame],
+    outputs: Sequence[tuple[str, Path]],
+    rows_per_file: float = math.inf,
+    keep_table: bool = False,
+) -> tuple[pd.DataFrame | None, int, int, int]:
+    """Write blocks of rows to every ``(spec, path)`` output under its temporary name, then rename each into place:
+    whole outputs or none (temporaries removed on failure). Dataset folders get the blocks as they come, a part
+    file per ``rows_per_file`` rows or more; single files get the whole table, kept only when one of them or
+    ``keep_table`` needs it. -> (that table or None, rows, rows of unreadable files, rows without a face)."""
+    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
+    keep = keep_table or len(folders) < len(outputs)
+    frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
+
+    def flush() -> None:
+        nonlocal parts, pending
+        if pending and folders:
+            part = pd.concat(pending, ignore_index=True)
+            for folder in folders:
+                part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
+            parts += 1
+        pending = []
+
     try:
+        for folder in folders:
+            folder.mkdir()
+        for block in blocks:
+            counts = error_counts(block)
+            rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
+            if keep:
+                frames.append(block)
+            pending.append(block)
+            if sum(len(f) for f in pending) >= rows_per_file:
+                flush()
+        flush()
+        table = pd.concat(frames, ignore_index=True) if keep else None
         for spec, out in outputs:
-            tmp = temp_name(out)
-            written.append((tmp, out))
-            if tmp in prewritten:
-                continue
-            if is_dataset(spec):
-                tmp.mkdir()
-                table.to_parquet(tmp / "part-00000.parquet", index=False)
-            elif out.suffix.lower() == ".parquet":
-                table.to_parquet(tmp, index=False)
-            else:
-                table.to_csv(tmp, index=False)
-        for tmp, out in written:
-            os.replace(tmp, out)
+            if not is_dataset(spec) and out.suffix.lower() == ".parquet":
+                table.to_parquet(temp_name(out), index=False)
+            elif not is_dataset(spec):
+                table.to_csv(temp_name(out), index=False)
+        for _, out in outputs:
+            os.replace(temp_name(out), out)
     except BaseException:
-        for tmp in {*prewritten, *(t for t, _ in written)}:
-            remove(tmp)
+        for _, out in outputs:
+            remove(temp_name(out))
         raise
+    return table, rows, bad, faceless
 
 
 FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}

@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 
 from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
-from serving.batch_output import FatalError, error_counts, is_dataset, remove, temp_name, to_table, write_outputs
+from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
@@ -71,10 +71,8 @@ class Forward:
         args = self.args
         files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, args.max_faces, args.detect)
         shown = [str(p) for p in batch["path"]]
-        rows = label(
-            self.predictor, *collate(list(self.pool.map(files.__getitem__, range(len(files))))), shown, args.top_k
-        )
-        return to_table([r for per_file in rows for r in per_file], self.predictor, args.top_k)
+        batch = collate(list(self.pool.map(files.__getitem__, range(len(files)))))
+        return to_table(label(self.predictor, *batch, shown, args.top_k), self.predictor, args.top_k)
 
 
 def connect(opts: RayOptions) -> bool:
@@ -96,9 +94,8 @@ def connect(opts: RayOptions) -> bool:
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or 0) * opts.cpus_per_worker))
-            # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
-            # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
-            # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
+            # Ray 2.60's warning that a new local cluster uses token authentication: nothing for a user to do.
+            # (Setting RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # "local": a new Ray of our own, even when `ray start --head` runs on this machine
             ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
@@ -122,13 +119,6 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise FatalError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
 
 
-def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bundle's files (weights, metadata, ``model.onnx`` when it has one), to ship to the actors through the
-    object store."""
-    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
-    return {name: (bundle / name).read_bytes() for name in names}
-
-
 def pipeline(
     predictor: Predictor,
     bundle: Path,
@@ -149,6 +139,8 @@ def pipeline(
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
     items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
     workers = pool_size(opts)
+    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
+    files = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
     # big jobs: a few batches per actor task; small ones: still spread over the pool
     per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
     return (
@@ -156,7 +148,7 @@ def pipeline(
         ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(
             Forward,
             batch_size=args.batch_size,
-            fn_constructor_args=([ray.put(bundle_files(bundle))], predictor.max_pixels, args),
+            fn_constructor_args=([files], predictor.max_pixels, args),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=opts.cpus_per_worker,
             num_gpus=opts.gpus_per_worker or None,
@@ -186,59 +178,31 @@ def run_ray(
     args: argparse.Namespace,
     keep_table: bool = False,
 ) -> tuple[pd.DataFrame | None, int, int, int]:
-    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless). The
-    table is kept on the driver only when a single-file output or ``keep_table`` needs it; dataset folders receive
-    the blocks as they arrive."""
+    """Run the job and write ``outputs`` as its blocks arrive (``write_outputs``, which says what comes back)."""
     try:
         import ray
     except ImportError:
         raise FatalError("--engine ray: Ray is not installed (pip install 'svertka[ray]')") from None
     opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker)
     started = connect(opts)
-    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
-    keep = keep_table or any(not is_dataset(spec) for spec, _ in outputs)
+    bar = progress_bar(len(paths), args.progress)
+
+    def blocks() -> Iterator[pd.DataFrame]:
+        dtypes = to_table([], predictor, args.top_k).dtypes.to_dict()
+        for block in pipeline(predictor, bundle, paths, shown, args, opts).iter_batches(
+            batch_size=None, batch_format="pandas", prefetch_batches=2
+        ):
+            yield block.astype(dtypes)  # Arrow -> pandas dtypes
+            bar.update(len(block))
+
     try:
-        for folder in folders:
-            folder.mkdir()
-        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
-        bar = progress_bar(len(paths), args.progress)
-
-        def flush() -> None:
-            nonlocal parts, pending
-            if pending and folders:
-                part = pd.concat(pending, ignore_index=True)
-                for folder in folders:
-                    part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
-                parts += 1
-            pending = []
-
-        try:
-            ds = pipeline(predictor, bundle, paths, shown, args, opts)
-            for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
-                block = block.astype(to_table([], predictor, args.top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
-                counts = error_counts(block)
-                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
-                if keep:
-                    frames.append(block)
-                pending.append(block)
-                if sum(len(f) for f in pending) >= ROWS_PER_FILE:
-                    flush()
-                bar.update(len(block))
-            flush()
-        except ray.exceptions.RayError as e:
-            raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
-        finally:
-            bar.close()
-        table = pd.concat(frames, ignore_index=True) if keep else None
-        write_outputs(table, outputs, prewritten=folders)
-    except BaseException:
-        for folder in folders:
-            remove(folder)
-        raise
+        return write_outputs(blocks(), outputs, ROWS_PER_FILE, keep_table)
+    except ray.exceptions.RayError as e:
+        raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
     finally:
+        bar.close()
         if started:
             ray.shutdown()
-    return table, rows, bad, faceless
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

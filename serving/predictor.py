@@ -159,10 +159,10 @@ class Predictor:
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
         self.loader = ImageLoader(self.spec, max_pixels, aligner)
+        self.prepare = self.loader.prepare  # an image's faces and their inputs
         self.class_names = self.meta.class_names or []
         self.target = self.meta.target or {}
-        bins = self.meta.bins
-        self.bins = torch.tensor(bins, dtype=torch.float32, device=self.device) if bins else None
+        self.bins = torch.tensor(self.meta.bins, dtype=torch.float32, device=self.device) if self.meta.bins else None
 
     @property
     def num_classes(self) -> int:
@@ -176,12 +176,6 @@ class Predictor:
     def uses_faces(self) -> bool:
         """True when the model expects aligned face chips (the bundle has a ``faces`` entry)."""
         return self.framing is not None
-
-    def prepare(
-        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
-    ) -> Prepared:
-        """The faces in ``src`` and their inputs (see ``ImageLoader.prepare``)."""
-        return self.loader.prepare(src, max_faces, detect)
 
     def face_results(self, prepared: Prepared, outputs: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
         """``[{"box", "score", <target name> (e.g. "age") or label/score/top_k}, ...]``, one per face."""

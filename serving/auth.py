@@ -17,6 +17,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import click
+
 TOKEN_ENV = "SVERTKA_API_TOKEN"
 TOKEN_FILE_ENV = "SVERTKA_API_TOKEN_FILE"
 
@@ -118,10 +120,6 @@ def should_warn(tokens: Tokens | None, host: str | None) -> bool:
 def serve_host() -> str | None:
     """The host ``bentoml serve`` is about to bind, when this process is that command (its click context has a
     ``host`` option, ``--host`` or ``BENTOML_HOST``; workers run another command), else None."""
-    try:
-        import click
-    except ImportError:
-        return None
     ctx = click.get_current_context(silent=True)
     if ctx is None or "host" not in ctx.params:
         return None

@@ -28,7 +28,7 @@ from data.faces import FaceStageError
 from data.imagefile import IMAGE_SUFFIXES, read_or_error
 from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
-from serving.batch_output import FatalError, build_rows, check_output, temp_name, to_table, write_outputs
+from serving.batch_output import NO_FACE, FatalError, check_output, temp_name, to_table, write_outputs
 from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
@@ -111,7 +111,7 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
 def predict(
     predictor: Predictor, paths: Sequence[Path], shown: Sequence[str], args: argparse.Namespace
 ) -> pd.DataFrame:
-    """The local engine, with the checked options ``args``: rows in input order (``build_rows``), predictions per
+    """The local engine, with the checked options ``args``: rows in input order (``label``), predictions per
     file or per face, or an ``error``."""
     from tqdm import tqdm
 
@@ -142,12 +142,24 @@ def label(
     shown: Sequence[str],
     top_k: int,
 ) -> list[dict[str, Any]]:
-    """One ``collate``d batch -> its files' rows in order (``build_rows``): the forward and the rows of every engine."""
+    """One ``collate``d batch -> its files' output rows in order, for every engine: one per face of a face model (or
+    one with the error "no face found"), else one; one with its ``error`` for a file that could not be read."""
     out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
     rows, at = [], 0
     for i, faces, n, err in files:
-        mine = None if err is not None else out[at : at + n] if out is not None else torch.zeros(0)
-        rows += build_rows(predictor, shown[i], mine, err, top_k, faces)
+        if err is not None:
+            rows.append({"path": shown[i], "error": err})
+        elif not predictor.uses_faces:
+            result = predictor.format(out[at], top_k)  # {"label", "score", "top_k": [...]} -> top1_label, ...
+            top = {f"top{j}_{k}": e[k] for j, e in enumerate(result.pop("top_k", []), 1) for k in ("label", "score")}
+            rows.append({"path": shown[i], **result, **top, "error": None})
+        elif not faces:
+            rows.append({"path": shown[i], "error": NO_FACE})
+        else:
+            for j, (face, row) in enumerate(zip(faces, out[at : at + n], strict=True)):
+                (x0, y0, x1, y1), value = face["box"], predictor.format(row, top_k)[predictor.target_name]
+                where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
+                rows.append({"path": shown[i], **where, predictor.target_name: value, "error": None})
         at += n
     return rows
 

@@ -1,5 +1,5 @@
 """The batch script's output, the same for every engine (``serving.batch``, ``serving.batch_ray``): the
-``--output`` check, rows (``build_rows``), columns (``to_table``) and whole-or-nothing writes (``write_outputs``).
+``--output`` check, the columns of the rows (``to_table``) and whole-or-nothing writes (``write_outputs``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from serving.predictor import Predictor
 
@@ -46,14 +45,6 @@ def check_output(spec: str) -> Path:
 def temp_name(out: Path) -> Path:
     """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-def remove(path: Path) -> None:
-    """Delete a temporary file or folder, if it is there."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def write_outputs(
@@ -100,41 +91,18 @@ def write_outputs(
         for _, out in outputs:
             os.replace(temp_name(out), out)
     except BaseException:
-        for _, out in outputs:
-            remove(temp_name(out))
+        for _, out in outputs:  # the temporaries written so far: files or dataset folders
+            tmp = temp_name(out)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         raise
     return table, rows, bad, faceless
 
 
 FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}
 NO_FACE = "no face found"
-
-
-def build_rows(
-    predictor: Predictor,
-    shown: str,
-    outputs: torch.Tensor | None,
-    error: str | None,
-    top_k: int,
-    faces: Sequence[dict[str, Any]] = (),
-) -> list[dict[str, Any]]:
-    """The output rows of one input file, for every engine: one per face of a face model (or one with the error
-    "no face found"), else one; one with its ``error`` for a file not read (``outputs`` None). ``outputs``: its
-    rows of ``predict_tensors``, one per input of its ``Prepared``; ``faces``: that ``Prepared``'s faces."""
-    if outputs is None:
-        return [{"path": shown, "error": error or "not predicted"}]
-    if not predictor.uses_faces:
-        result = predictor.format(outputs[0], top_k)  # {"label", "score", "top_k": [...]} -> top1_label, ...
-        top = {f"top{j}_{k}": e[k] for j, e in enumerate(result.pop("top_k", []), 1) for k in ("label", "score")}
-        return [{"path": shown, **result, **top, "error": error}]
-    if not faces:
-        return [{"path": shown, "error": NO_FACE}]
-    rows = []
-    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
-        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
-        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
-        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
-    return rows
 
 
 def error_counts(table: pd.DataFrame) -> tuple[int, int]:

@@ -164,7 +164,6 @@ def pool_size(opts: RayOptions) -> int:
 
     if opts.workers:
         return opts.workers
-
     key, each = ("GPU", opts.gpus_per_worker) if opts.gpus_per_worker else ("CPU", opts.cpus_per_worker)
     return max(1, int(ray.cluster_resources().get(key, 0) // each))
 

@@ -71,8 +71,8 @@ class Forward:
         args = self.args
         files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, args.max_faces, args.detect)
         shown = [str(p) for p in batch["path"]]
-        batch = collate(list(self.pool.map(files.__getitem__, range(len(files)))))
-        return to_table(label(self.predictor, *batch, shown, args.top_k), self.predictor, args.top_k)
+        collated = collate(list(self.pool.map(files.__getitem__, range(len(files)))))
+        return to_table(label(self.predictor, *collated, shown, args.top_k), self.predictor, args.top_k)
 
 
 def connect(opts: RayOptions) -> bool:

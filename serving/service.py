@@ -308,15 +308,13 @@ class Svertka(ModelReferences):
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int | None = None, model: str | None = None) -> dict[str, Any]:
         """Classify one image: ``{"label", "score", "top_k": [{"label", "score"}, ...], "model"}`` (top_k: 5)."""
-        picked = self._pick(model, "classification")
-        if isinstance(picked, JSONResponse):
+        if isinstance(picked := self._pick(model, "classification"), JSONResponse):
             return picked
         tag, pred = picked
         top_k = min(5, pred.num_classes) if top_k is None else top_k
         if not 1 <= top_k <= pred.num_classes:
             return error(400, f"top_k must be between 1 and {pred.num_classes} for model {tag!r}, got {top_k}")
-        prep = await self._inputs(pred, image)
-        if isinstance(prep, JSONResponse):
+        if isinstance(prep := await self._inputs(pred, image), JSONResponse):
             return prep
         out = await self.batchers[tag].submit(prep.inputs[0])  # (C, h, w) -> (N,)
         return JSONResponse({**pred.format(out, top_k), "model": tag})
@@ -328,14 +326,12 @@ class Svertka(ModelReferences):
     ) -> dict[str, Any]:
         """Ages of the faces in a photo, largest first: ``{"faces": [{"box", "score", "age"}, ...], "model"}``
         (``detect=false``: the image is an aligned chip, one face, score null)."""
-        picked = self._pick(model, "regression")
-        if isinstance(picked, JSONResponse):
+        if isinstance(picked := self._pick(model, "regression"), JSONResponse):
             return picked
         tag, pred = picked
         if max_faces is not None and not 1 <= max_faces <= MAX_FACES:
             return error(400, f"max_faces must be between 1 and {MAX_FACES}, got {max_faces}")
-        prep = await self._inputs(pred, image, max_faces or MAX_FACES, detect)
-        if isinstance(prep, JSONResponse):
+        if isinstance(prep := await self._inputs(pred, image, max_faces or MAX_FACES, detect), JSONResponse):
             return prep
         outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
         faces = [

@@ -1,34 +1,23 @@
-"""The Ray Data engine of the batch script: label millions of files on a Ray cluster.
+"""The Ray Data engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
 
-    python -m serving.batch --model utkface_age:latest --input faces.csv --output ages/ --engine ray
-    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages.parquet \
-        --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
+    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages/ --engine ray \
+        --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
-``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The pipeline is a Ray Data dataset of ``(file, path)`` rows (``from_items``) mapped
-by a pool of model actors (``Forward``; ``--workers``, default as many as the cluster's CPUs hold):
-each holds one ``serving.predictor.Predictor`` and reads, decodes (faces: detects and aligns),
-predicts and builds the rows of its batches with the local engine's own functions, so only paths
-travel to the actors and only rows come back. The bundle's files travel through Ray's object store,
-so actors on other machines need no copy of it; the input files must be readable at the same path
-on every node (a shared file system).
-
-Faults: Ray Data's actor pool restarts a dead actor and runs the batches it held again (its
-defaults ``max_restarts=-1``, ``max_task_retries=-1``); the driver receives each block once, in
-input order (``preserve_order``), and streams it into the outputs' temporary names, renamed at the end.
-Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores (more
-if ``--workers x --cpus-per-worker`` asks for more). Only this module imports Ray.
+Model actors (``Forward``) read, decode, predict and build rows with the local engine's own functions; only
+paths go in and only rows come back, in input order. How a job runs, its outputs and faults: docs/BATCH.md.
+Only this module imports Ray.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +29,7 @@ import torch
 
 from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
-from serving.batch_output import (
-    FatalError,
-    error_counts,
-    is_dataset,
-    remove,
-    temp_name,
-    to_table,
-    write_outputs,
-)
+from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
@@ -63,45 +44,35 @@ class RayOptions:
     workers: int | None = None  # None: as many actors as the cluster's CPUs (GPUs for GPU actors) hold
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
 class Forward:
     """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows, read,
-    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``."""
+    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``. ``args``: the
+    checked options of ``python -m serving.batch``."""
 
-    def __init__(
-        self,
-        files: list[Any],
-        device: str,
-        max_pixels: int | None,
-        top_k: int,
-        threads: int,
-        runtime: str = "auto",
-        detect: bool = True,
-        max_faces: int | None = None,
-    ) -> None:
+    def __init__(self, files: list[Any], max_pixels: int | None, args: argparse.Namespace) -> None:
         import ray
 
+        threads = max(1, int(args.cpus_per_worker))
         torch.set_num_threads(threads)  # ONNX Runtime's intra-op threads too (Predictor: they follow torch's)
         files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
         folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, runtime=runtime)
+            self.predictor = Predictor(folder, device=args.device, max_pixels=max_pixels, runtime=args.runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
-        self.top_k, self.detect, self.max_faces = top_k, detect, max_faces
+        self.args = args
         self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, self.max_faces, self.detect)
+        args = self.args
+        files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, args.max_faces, args.detect)
         shown = [str(p) for p in batch["path"]]
-        rows = label(
-            self.predictor, *collate(list(self.pool.map(files.__getitem__, range(len(files))))), shown, self.top_k
-        )
-        return to_table([r for per_file in rows for r in per_file], self.predictor, self.top_k)
+        collated = collate(list(self.pool.map(files.__getitem__, range(len(files)))))
+        return to_table(label(self.predictor, *collated, shown, args.top_k), self.predictor, args.top_k)
 
 
 def connect(opts: RayOptions) -> bool:
@@ -123,9 +94,8 @@ def connect(opts: RayOptions) -> bool:
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or 0) * opts.cpus_per_worker))
-            # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
-            # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
-            # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
+            # Ray 2.60's warning that a new local cluster uses token authentication: nothing for a user to do.
+            # (Setting RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # "local": a new Ray of our own, even when `ray start --head` runs on this machine
             ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
@@ -149,24 +119,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise FatalError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
 
 
-def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bundle's files (weights, metadata, ``model.onnx`` when it has one), to ship to the actors through the
-    object store."""
-    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
-    return {name: (bundle / name).read_bytes() for name in names}
-
-
 def pipeline(
     predictor: Predictor,
     bundle: Path,
     paths: Sequence[Path],
     shown: Sequence[str],
-    batch_size: int,
-    top_k: int,
-    device: str,
+    args: argparse.Namespace,
     opts: RayOptions,
-    detect: bool = True,
-    max_faces: int | None = None,
 ) -> Any:
     """The lazy dataset: ``(file, path)`` rows -> the actor pool (read, decode, predict) -> output rows."""
     import ray
@@ -180,23 +139,16 @@ def pipeline(
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
     items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
     workers = pool_size(opts)
+    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
+    files = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
     # big jobs: a few batches per actor task; small ones: still spread over the pool
-    per_block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
+    per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
     return (
         # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
         ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(
             Forward,
-            batch_size=batch_size,
-            fn_constructor_args=(
-                [ray.put(bundle_files(bundle))],
-                device,
-                predictor.max_pixels,
-                top_k,
-                max(1, int(opts.cpus_per_worker)),
-                opts.runtime,
-                detect,
-                max_faces,
-            ),
+            batch_size=args.batch_size,
+            fn_constructor_args=([files], predictor.max_pixels, args),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=opts.cpus_per_worker,
             num_gpus=opts.gpus_per_worker or None,
@@ -212,7 +164,6 @@ def pool_size(opts: RayOptions) -> int:
 
     if opts.workers:
         return opts.workers
-
     key, each = ("GPU", opts.gpus_per_worker) if opts.gpus_per_worker else ("CPU", opts.cpus_per_worker)
     return max(1, int(ray.cluster_resources().get(key, 0) // each))
 
@@ -223,69 +174,34 @@ def run_ray(
     paths: Sequence[Path],
     shown: Sequence[str],
     outputs: Sequence[tuple[str, Path]],
-    batch_size: int,
-    top_k: int,
-    device: str,
-    opts: RayOptions,
-    progress: bool | None = None,
+    args: argparse.Namespace,
     keep_table: bool = False,
-    detect: bool = True,
-    max_faces: int | None = None,
 ) -> tuple[pd.DataFrame | None, int, int, int]:
-    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless).
-
-    The table is kept on the driver only when a single-file output or ``keep_table`` needs it;
-    dataset folders receive the blocks as they arrive.
-    """
+    """Run the job and write ``outputs`` as its blocks arrive (``write_outputs``, which says what comes back)."""
     try:
         import ray
     except ImportError:
         raise FatalError("--engine ray: Ray is not installed (pip install 'svertka[ray]')") from None
+    opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker)
     started = connect(opts)
-    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
-    keep = keep_table or any(not is_dataset(spec) for spec, _ in outputs)
+    bar = progress_bar(len(paths), args.progress)
+
+    def blocks() -> Iterator[pd.DataFrame]:
+        dtypes = to_table([], predictor, args.top_k).dtypes.to_dict()
+        for block in pipeline(predictor, bundle, paths, shown, args, opts).iter_batches(
+            batch_size=None, batch_format="pandas", prefetch_batches=2
+        ):
+            yield block.astype(dtypes)  # Arrow -> pandas dtypes
+            bar.update(len(block))
+
     try:
-        for folder in folders:
-            folder.mkdir()
-        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
-        bar = progress_bar(len(paths), progress)
-
-        def flush() -> None:
-            nonlocal parts, pending
-            if pending and folders:
-                part = pd.concat(pending, ignore_index=True)
-                for folder in folders:
-                    part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
-                parts += 1
-            pending = []
-
-        try:
-            ds = pipeline(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces)
-            for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=2):
-                block = block.astype(to_table([], predictor, top_k).dtypes.to_dict())  # Arrow -> pandas dtypes
-                counts = error_counts(block)
-                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
-                if keep:
-                    frames.append(block)
-                pending.append(block)
-                if sum(len(f) for f in pending) >= ROWS_PER_FILE:
-                    flush()
-                bar.update(len(block))
-            flush()
-        except ray.exceptions.RayError as e:
-            raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
-        finally:
-            bar.close()
-        table = pd.concat(frames, ignore_index=True) if keep else None
-        write_outputs(table, outputs, prewritten=folders)
-    except BaseException:
-        for folder in folders:
-            remove(folder)
-        raise
+        return write_outputs(blocks(), outputs, ROWS_PER_FILE, keep_table)
+    except ray.exceptions.RayError as e:
+        raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
     finally:
+        bar.close()
         if started:
             ray.shutdown()
-    return table, rows, bad, faceless
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

@@ -1,32 +1,26 @@
-"""API tokens for the BentoML service: a pure-ASGI middleware that wants ``Authorization: Bearer <token>``.
+"""API tokens for the BentoML service, which ``serving.guards.TokenAuthMiddleware`` wants as ``Authorization:
+Bearer <token>`` on every path but the health endpoints (docs/SERVING.md, "Security").
 
     SVERTKA_API_TOKEN=$(openssl rand -hex 32) bentoml serve
     SVERTKA_API_TOKEN_FILE=/run/secrets/svertka_tokens bentoml serve     # one token a line, read when it changes
-    curl -H "Authorization: Bearer $TOKEN" -F image=@shirt.png localhost:3000/classify
 
-Every path but the health endpoints needs a token (else 401 with ``{"error": reason}``, before the body is
-read; a browser at ``/`` gets a page that asks for it). A token file that vanishes later accepts nothing (fail
-closed). Tokens are compared in constant time, never logged or echoed. docs/SERVING.md, "Security".
+A token file that vanishes later accepts nothing (fail closed). Tokens are compared in constant time, never
+logged or echoed.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from serving.guards import OPEN_PATHS
+import click
 
 TOKEN_ENV = "SVERTKA_API_TOKEN"
 TOKEN_FILE_ENV = "SVERTKA_API_TOKEN_FILE"
-SESSION_KEY = "svertka_token"
 
 
 class TokenError(ValueError):
@@ -112,54 +106,6 @@ class Tokens:
         return ok and bool(candidate)
 
 
-PROMPT_PAGE = (Path(__file__).parent / "static" / "token.html").read_bytes()  # asks a browser for the token
-
-
-class TokenAuthMiddleware:
-    """401 for every request without an accepted ``Authorization: Bearer`` token, but the health paths
-    (``tokens`` None: no token configured, everything passes)."""
-
-    def __init__(self, app: ASGIApp, tokens: Tokens | None) -> None:
-        self.app, self.tokens = app, tokens
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.tokens is None or scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if scope["type"] == "http" and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
-            return await self.app(scope, receive, send)  # a CORS preflight: browsers never send credentials
-        reason, given = self._refusal(headers.get(b"authorization"))
-        if reason is None:
-            return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 1008})
-        challenge = 'Bearer realm="svertka"' + (', error="invalid_token"' if given else "")
-        browser = (
-            scope["method"] in ("GET", "HEAD") and scope["path"] == "/" and b"text/html" in headers.get(b"accept", b"")
-        )
-        body = PROMPT_PAGE if browser else json.dumps({"error": reason}).encode()
-        media_type = "text/html; charset=utf-8" if browser else "application/json"
-        response = Response(body, 401, {"WWW-Authenticate": challenge, "Cache-Control": "no-store"}, media_type)
-        if scope["method"] == "HEAD":
-            response.body = b""  # the headers of a GET (its Content-Length too), no body
-        await response(scope, receive, send)
-
-    def _refusal(self, header: bytes | None) -> tuple[str | None, bool]:
-        """(why the request is refused or None, whether it carried a token at all)."""
-        assert self.tokens is not None
-        if header is None:
-            return "missing API token: send the header 'Authorization: Bearer <token>'", False
-        scheme, _, token = header.strip().partition(b" ")
-        if scheme.lower() != b"bearer":
-            return "the Authorization header must be 'Bearer <token>'", False
-        token = token.strip()
-        if not token:
-            return "empty API token in 'Authorization: Bearer'", True
-        if not self.tokens.accepts(token):
-            return "invalid API token", True
-        return None, True
-
-
 def should_warn(tokens: Tokens | None, host: str | None) -> bool:
     """Warn when no token is set and the server binds beyond loopback (127.0.0.0/8, ::1, "localhost"; ``host``
     None: not serving)."""
@@ -174,10 +120,6 @@ def should_warn(tokens: Tokens | None, host: str | None) -> bool:
 def serve_host() -> str | None:
     """The host ``bentoml serve`` is about to bind, when this process is that command (its click context has a
     ``host`` option, ``--host`` or ``BENTOML_HOST``; workers run another command), else None."""
-    try:
-        import click
-    except ImportError:
-        return None
     ctx = click.get_current_context(silent=True)
     if ctx is None or "host" not in ctx.params:
         return None

@@ -1,14 +1,11 @@
 """Label a folder, CSV or glob of images offline with a bundle; write one CSV/Parquet row per input.
 
-    python -m serving.batch --model artifacts/quickstart --input photos/ --output labels.csv
     python -m serving.batch --model utkface_age:latest --input 'faces/**/*.jpg' --output ages.parquet
-    python -m serving.batch --model utkface_age:latest --input faces/ --output ages/ --engine ray
     python -m serving.batch --model artifacts/utkface_age --input utk_test/ --output ages.csv --truth labels.csv
 
-The same ``serving.predictor.Predictor`` as the service, decoding in DataLoader workers; rows in input order,
-a face model's one per face, an ``error`` for a file that cannot be read (``data.imagefile.read_or_error``);
-every engine builds them with ``serving.batch_output``, whose outputs appear whole or not at all. ``--engine
-ray``: ``serving/batch_ray.py``. Options, columns, ``--truth``: docs/SERVING.md, "Batch predictions".
+The same ``serving.predictor.Predictor`` as the service, decoding in DataLoader workers; rows (and outputs, whole
+or not at all) from ``serving.batch_output``; ``--engine ray``: ``serving/batch_ray.py``. Options, columns,
+``--truth``: docs/SERVING.md, "Batch predictions".
 """
 
 from __future__ import annotations
@@ -36,16 +33,7 @@ from data.faces import FaceStageError
 from data.imagefile import IMAGE_SUFFIXES, read_or_error
 from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
-from serving.batch_output import (
-    OUTPUT_EXTS,
-    FatalError,
-    build_rows,
-    error_counts,
-    is_dataset,
-    temp_name,
-    to_table,
-    write_outputs,
-)
+from serving.batch_output import NO_FACE, FatalError, check_output, temp_name, to_table, write_outputs
 from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
 
 
@@ -125,54 +113,31 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
     return found, [str(p) for p in found]
 
 
-def check_output(spec: str) -> Path:
-    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
-    out = Path(spec)
-    if is_dataset(spec):
-        if out.exists():
-            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
-    elif out.suffix.lower() not in OUTPUT_EXTS:
-        raise FatalError(
-            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
-        )
-    elif out.is_dir():
-        raise FatalError(f"--output {spec}: is a folder")
-    if not out.parent.is_dir():
-        raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
-    return out
-
-
 def predict(
-    predictor: Predictor,
-    paths: Sequence[Path],
-    shown: Sequence[str],
-    batch_size: int = 64,
-    workers: int = 2,
-    top_k: int = 5,
-    progress: bool | None = None,
-    detect: bool = True,
-    max_faces: int | None = None,
+    predictor: Predictor, paths: Sequence[Path], shown: Sequence[str], args: argparse.Namespace
 ) -> pd.DataFrame:
-    """Rows in input order (``build_rows``): predictions per file or per face, or an ``error``."""
+    """The local engine, with the checked options ``args``: rows in input order (``label``), predictions per
+    file or per face, or an ``error``."""
     from tqdm import tqdm
 
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     loader = DataLoader(
-        ImageFiles(paths, predictor.loader, max_faces, detect),
-        batch_size=batch_size,
+        ImageFiles(paths, predictor.loader, args.max_faces, args.detect),
+        batch_size=args.batch_size,
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_worker_init if workers else None,
         pin_memory=predictor.device.type == "cuda",
         persistent_workers=False,
     )
-    rows: list[list[dict[str, Any]]] = [[] for _ in paths]
+    rows: list[dict[str, Any]] = []
+    progress = args.progress
     bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
-    for files, batch in loader:
-        for (i, *_), per_file in zip(files, label(predictor, files, batch, shown, top_k), strict=True):
-            rows[i] = per_file
+    for files, batch in loader:  # in input order
+        rows += label(predictor, files, batch, shown, args.top_k)
         bar.update(len(files))
     bar.close()
-    return to_table([r for per_file in rows for r in per_file], predictor, top_k)
+    return to_table(rows, predictor, args.top_k)
 
 
 def label(
@@ -181,19 +146,31 @@ def label(
     batch: torch.Tensor | None,
     shown: Sequence[str],
     top_k: int,
-) -> list[list[dict[str, Any]]]:
-    """One ``collate``d batch -> each file's rows (``build_rows``): the forward and the rows of every engine."""
+) -> list[dict[str, Any]]:
+    """One ``collate``d batch -> its files' output rows in order, for every engine: one per face of a face model (or
+    one with the error "no face found"), else one; one with its ``error`` for a file that could not be read."""
     out = predictor.predict_tensors(batch) if batch is not None else None  # (B, C, h, w) -> (B, ...)
     rows, at = [], 0
     for i, faces, n, err in files:
-        mine = None if err is not None else out[at : at + n] if out is not None else torch.zeros(0)
-        rows.append(build_rows(predictor, shown[i], mine, err, top_k, faces))
+        if err is not None:
+            rows.append({"path": shown[i], "error": err})
+        elif not predictor.uses_faces:
+            result = predictor.format(out[at], top_k)  # {"label", "score", "top_k": [...]} -> top1_label, ...
+            top = {f"top{j}_{k}": e[k] for j, e in enumerate(result.pop("top_k", []), 1) for k in ("label", "score")}
+            rows.append({"path": shown[i], **result, **top, "error": None})
+        elif not faces:
+            rows.append({"path": shown[i], "error": NO_FACE})
+        else:
+            for j, (face, row) in enumerate(zip(faces, out[at : at + n], strict=True)):
+                (x0, y0, x1, y1), value = face["box"], predictor.format(row, top_k)[predictor.target_name]
+                where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
+                rows.append({"path": shown[i], **where, predictor.target_name: value, "error": None})
         at += n
     return rows
 
 
-def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
-    """The ``--truth`` CSV as ``key`` (path or file name) + ``truth`` columns; ``FatalError`` if unusable."""
+def read_truth(spec: str, predictor: Predictor) -> dict[str, Any]:
+    """The ``--truth`` CSV as {path or file name: true answer}; ``FatalError`` if unusable."""
     path = Path(spec)
     if not path.is_file():
         raise FatalError(f"--truth {spec}: no such file")
@@ -204,18 +181,17 @@ def read_truth(spec: str, predictor: Predictor) -> pd.DataFrame:
         raise FatalError(
             f"--truth {spec}: needs a 'path' or 'name' column and a {column!r} column (has: {', '.join(table.columns)})"
         )
-    out = pd.DataFrame({"key": table[key], "truth": table[column]})
+    truth = table[column]
     if predictor.task != "classification":
-        out["truth"] = pd.to_numeric(out["truth"], errors="coerce")
-        if out["truth"].isna().any():
-            row = int(out["truth"].isna().to_numpy().nonzero()[0][0]) + 2
+        truth = pd.to_numeric(truth, errors="coerce")
+        if truth.isna().any():
+            row = int(truth.isna().to_numpy().nonzero()[0][0]) + 2
             raise FatalError(f"--truth {spec}: line {row}: {column!r} is not a number")
-    return out
+    return dict(zip(table[key], truth, strict=True))
 
 
-def score(table: pd.DataFrame, truth: pd.DataFrame, predictor: Predictor, spec: str) -> dict[str, float]:
-    """Metrics of the predicted rows that have a truth (matched by path, else by file name)."""
-    by_path = dict(zip(truth["key"], truth["truth"], strict=True))
+def score(table: pd.DataFrame, by_path: dict[str, Any], predictor: Predictor, spec: str) -> dict[str, float]:
+    """Metrics of the predicted rows that have a truth (``by_path``: ``read_truth``; by path, else by file name)."""
     by_name = {Path(k).name: v for k, v in by_path.items()}
     rows = table[table["error"].isna()]
     if "face" in rows.columns:  # a face model: the largest face of each photo is scored
@@ -325,25 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FatalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         truth = read_truth(args.truth, predictor) if args.truth else None
         if args.engine == "ray":
-            from serving.batch_ray import RayOptions, run_ray  # imports ray: only for this engine
+            from serving.batch_ray import run_ray  # imports ray: only for this engine
 
-            ray_opts = RayOptions(
-                args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker, args.runtime
-            )  # fmt: skip
-            table, rows, bad, faceless = run_ray(
-                predictor, bundle, paths, shown, outputs, args.batch_size, args.top_k, args.device, ray_opts,
-                progress=args.progress, keep_table=truth is not None, detect=args.detect, max_faces=args.max_faces,
-            )  # fmt: skip
+            table, rows, bad, faceless = run_ray(predictor, bundle, paths, shown, outputs, args, truth is not None)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         else:
-            workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-            table = predict(
-                predictor, paths, shown, args.batch_size, workers, args.top_k, args.progress,
-                detect=args.detect, max_faces=args.max_faces,
-            )  # fmt: skip
+            table = predict(predictor, paths, shown, args)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
-            write_outputs(table, outputs)
-            rows, (bad, faceless) = len(table), error_counts(table)
+            _, rows, bad, faceless = write_outputs([table], outputs)
         if metrics is not None:
             metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
             tmp = temp_name(metrics_file)

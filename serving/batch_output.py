@@ -1,23 +1,19 @@
-"""The batch script's output, the same for every engine: rows, columns, and whole-or-nothing writes.
-
-``serving.batch`` (the local engine) and ``serving.batch_ray`` both build their rows with
-``build_rows`` and their tables with ``to_table``, and write them with ``write_outputs``.
+"""The batch script's output, the same for every engine (``serving.batch``, ``serving.batch_ray``): the
+``--output`` check, the columns of the rows (``to_table``) and whole-or-nothing writes (``write_outputs``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from serving.predictor import Predictor
-
-OUTPUT_EXTS = (".csv", ".parquet")
 
 
 class FatalError(Exception):
@@ -29,75 +25,84 @@ def is_dataset(spec: str | Path) -> bool:
     return str(spec).endswith(("/", os.sep))
 
 
+def check_output(spec: str) -> Path:
+    """``FILE.csv``, ``FILE.parquet`` or ``DIR/`` (a Parquet dataset folder, which must not exist yet)."""
+    out = Path(spec)
+    if is_dataset(spec):
+        if out.exists():
+            raise FatalError(f"--output {spec}: already exists (a dataset folder is written whole; remove it first)")
+    elif out.suffix.lower() not in (".csv", ".parquet"):
+        raise FatalError(
+            f"--output {spec}: the name must end in .csv or .parquet, or in / for a Parquet dataset folder"
+        )
+    elif out.is_dir():
+        raise FatalError(f"--output {spec}: is a folder")
+    if not out.parent.is_dir():
+        raise FatalError(f"--output {spec}: folder {out.parent} does not exist")
+    return out
+
+
 def temp_name(out: Path) -> Path:
     """Where ``out`` is written before it is renamed into place (same folder, so the rename is atomic)."""
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
 
-def remove(path: Path) -> None:
-    """Delete a temporary file or folder, if it is there."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def write_outputs(
-    table: pd.DataFrame | None, outputs: Sequence[tuple[str, Path]], prewritten: Collection[Path] = ()
-) -> None:
-    """Write every ``(spec, path)`` output to its temporary name, then rename each into place: whole outputs or none
-    (temporaries removed on failure). A temporary folder in ``prewritten`` is already filled (the Ray engine)."""
-    written: list[tuple[Path, Path]] = []
+    blocks: Iterable[pd.DataFrame],
+    outputs: Sequence[tuple[str, Path]],
+    rows_per_file: float = math.inf,
+    keep_table: bool = False,
+) -> tuple[pd.DataFrame | None, int, int, int]:
+    """Write blocks of rows to every ``(spec, path)`` output under its temporary name, then rename each into place:
+    whole outputs or none (temporaries removed on failure). Dataset folders get the blocks as they come, a part
+    file per ``rows_per_file`` rows or more; single files get the whole table, kept only when one of them or
+    ``keep_table`` needs it. -> (that table or None, rows, rows of unreadable files, rows without a face)."""
+    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
+    keep = keep_table or len(folders) < len(outputs)
+    frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
+
+    def flush() -> None:
+        nonlocal parts, pending
+        if pending and folders:
+            part = pd.concat(pending, ignore_index=True)
+            for folder in folders:
+                part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
+            parts += 1
+        pending = []
+
     try:
+        for folder in folders:
+            folder.mkdir()
+        for block in blocks:
+            counts = error_counts(block)
+            rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
+            if keep:
+                frames.append(block)
+            pending.append(block)
+            if sum(len(f) for f in pending) >= rows_per_file:
+                flush()
+        flush()
+        table = pd.concat(frames, ignore_index=True) if keep else None
         for spec, out in outputs:
-            tmp = temp_name(out)
-            written.append((tmp, out))
-            if tmp in prewritten:
-                continue
-            if is_dataset(spec):
-                tmp.mkdir()
-                table.to_parquet(tmp / "part-00000.parquet", index=False)
-            elif out.suffix.lower() == ".parquet":
-                table.to_parquet(tmp, index=False)
-            else:
-                table.to_csv(tmp, index=False)
-        for tmp, out in written:
-            os.replace(tmp, out)
+            if not is_dataset(spec) and out.suffix.lower() == ".parquet":
+                table.to_parquet(temp_name(out), index=False)
+            elif not is_dataset(spec):
+                table.to_csv(temp_name(out), index=False)
+        for _, out in outputs:
+            os.replace(temp_name(out), out)
     except BaseException:
-        for tmp in {*prewritten, *(t for t, _ in written)}:
-            remove(tmp)
+        for _, out in outputs:  # the temporaries written so far: files or dataset folders
+            tmp = temp_name(out)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         raise
+    return table, rows, bad, faceless
 
 
 FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}
 NO_FACE = "no face found"
-
-
-def build_rows(
-    predictor: Predictor,
-    shown: str,
-    outputs: torch.Tensor | None,
-    error: str | None,
-    top_k: int,
-    faces: Sequence[dict[str, Any]] = (),
-) -> list[dict[str, Any]]:
-    """The output rows of one input file, for every engine: one per face of a face model (or one with the error
-    "no face found"), else one; one with its ``error`` for a file not read (``outputs`` None). ``outputs``: its
-    rows of ``predict_tensors``, one per input of its ``Prepared``; ``faces``: that ``Prepared``'s faces."""
-    if outputs is None:
-        return [{"path": shown, "error": error or "not predicted"}]
-    if not predictor.uses_faces:
-        result = predictor.format(outputs[0], top_k)  # {"label", "score", "top_k": [...]} -> top1_label, ...
-        top = {f"top{j}_{k}": e[k] for j, e in enumerate(result.pop("top_k", []), 1) for k in ("label", "score")}
-        return [{"path": shown, **result, **top, "error": error}]
-    if not faces:
-        return [{"path": shown, "error": NO_FACE}]
-    rows = []
-    for j, (face, out) in enumerate(zip(faces, outputs, strict=True)):
-        (x0, y0, x1, y1), value = face["box"], predictor.format(out, top_k)[predictor.target_name]
-        where = {"face": j, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "face_score": face["score"]}
-        rows.append({"path": shown, **where, predictor.target_name: value, "error": None})
-    return rows
 
 
 def error_counts(table: pd.DataFrame) -> tuple[int, int]:

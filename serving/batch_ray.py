@@ -1,29 +1,18 @@
-"""The Ray engine of the batch script: label millions of files on a Ray cluster.
+"""The Ray engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
 
-    python -m serving.batch --model utkface_age:latest --input faces.csv --output ages/ --engine ray
-    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages.parquet \
-        --engine ray --address head-node:6379 --workers 8 --num-gpus-per-worker 1
+    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages/ --engine ray \
+        --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
-``serving.batch`` checks the options, lists the inputs and loads the bundle on the driver, then
-calls ``run_ray``. The job is cut into blocks of ``(file, path)`` rows handed to a pool of Ray
-actors (``Forward``; ``--workers``, default as many as the cluster's CPUs hold), each kept two blocks
-deep: each actor holds one ``serving.predictor.Predictor`` and reads, decodes (faces: detects and
-aligns), predicts and builds the rows of its blocks with the local engine's own functions, so only
-paths travel to the actors and only rows come back. The bundle's files travel through Ray's object
-store, so actors on other machines need no copy of it; the input files must be readable at the same
-path on every node (a shared file system). Plain Ray actors, not Ray Data: Ray Data starts three
-service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's start-up.
-
-Faults: a dead actor is restarted and runs again the blocks it held (``max_restarts=-1``,
-``max_task_retries=-1``); the driver takes each block once, in input order, and streams it into the
-outputs' temporary names, renamed at the end.
-Without ``--address`` a local Ray starts with as many logical CPUs as this machine has cores (more
-if ``--workers x --cpus-per-worker`` asks for more), in a thread as soon as the script runs
-(``serving.ray_start``). Only this module and that one import Ray.
+Model actors (``Forward``) read, decode, predict and build rows with the local engine's own functions; only
+paths go in and only rows come back, in input order. Plain Ray actors fed blocks by the driver, not Ray Data:
+Ray Data starts three service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's
+start-up. A local Ray starts as the script begins (``serving.ray_start``). How a job runs, its outputs and
+faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -41,15 +30,7 @@ import torch
 
 from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
-from serving.batch_output import (
-    FatalError,
-    error_counts,
-    is_dataset,
-    remove,
-    temp_name,
-    to_table,
-    write_outputs,
-)
+from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
 from serving.ray_start import init_local, local_cpus, take_early
 
@@ -66,46 +47,37 @@ class RayOptions:
     workers: int | None = None  # None: as many actors as the cluster's CPUs (GPUs for GPU actors) hold
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    runtime: str = "auto"  # onnx, torch, or auto: ONNX Runtime on CPU actors when the bundle has model.onnx
 
 
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows, read,
-    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``."""
+    """A Ray actor: the bundle's ``Predictor``; a block of files -> their output rows, read,
+    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``. ``args``: the
+    checked options of ``python -m serving.batch``."""
 
-    def __init__(
-        self,
-        files: list[Any],
-        device: str,
-        max_pixels: int | None,
-        top_k: int,
-        threads: int,
-        runtime: str = "auto",
-        detect: bool = True,
-        max_faces: int | None = None,
-    ) -> None:
+    def __init__(self, files: list[Any], max_pixels: int | None, args: argparse.Namespace) -> None:
         import ray
 
+        threads = max(1, int(args.cpus_per_worker))
         torch.set_num_threads(threads)  # ONNX Runtime's intra-op threads too (Predictor: they follow torch's)
         files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
         folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
         for name, data in files.items():
             (folder / name).write_bytes(data)
         try:
-            self.predictor = Predictor(folder, device=device, max_pixels=max_pixels, runtime=runtime)
+            self.predictor = Predictor(folder, device=args.device, max_pixels=max_pixels, runtime=args.runtime)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
-        self.top_k, self.detect, self.max_faces = top_k, detect, max_faces
+        self.args = args
         self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
-    def __call__(self, files: list[str], shown: list[str], batch_size: int) -> pd.DataFrame:
-        """One block: ``files`` (absolute paths) shown as ``shown`` -> their output rows, ``batch_size`` at a time."""
-        rows = []
-        for at in range(0, len(files), batch_size):
-            read = ImageFiles(files[at : at + batch_size], self.predictor.loader, self.max_faces, self.detect)
-            items = collate(list(self.pool.map(read.__getitem__, range(len(read)))))
-            rows += label(self.predictor, *items, shown[at : at + batch_size], self.top_k)
-        return to_table([r for per_file in rows for r in per_file], self.predictor, self.top_k)
+    def __call__(self, files: list[str], shown: list[str]) -> pd.DataFrame:
+        """One block: ``files`` (absolute paths) shown as ``shown`` -> their rows, ``--batch-size`` at a time."""
+        args, rows = self.args, []
+        for at in range(0, len(files), args.batch_size):
+            read = ImageFiles(files[at : at + args.batch_size], self.predictor.loader, args.max_faces, args.detect)
+            collated = collate(list(self.pool.map(read.__getitem__, range(len(read)))))
+            rows += label(self.predictor, *collated, shown[at : at + args.batch_size], args.top_k)
+        return to_table(rows, self.predictor, args.top_k)
 
 
 def connect(opts: RayOptions) -> bool:
@@ -152,53 +124,41 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise FatalError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
 
 
-def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bundle's files (weights, metadata, ``model.onnx`` when it has one), to ship to the actors through the
-    object store."""
-    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
-    return {name: (bundle / name).read_bytes() for name in names}
-
-
-def blocks(
-    predictor: Predictor,
+def pipeline(
     bundle: Path,
     paths: Sequence[Path],
     shown: Sequence[str],
-    batch_size: int,
-    top_k: int,
-    device: str,
+    max_pixels: int | None,
+    args: argparse.Namespace,
     opts: RayOptions,
-    detect: bool = True,
-    max_faces: int | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """The output rows, one block (``batch_size x BATCHES_PER_BLOCK`` files) at a time, in input order: the blocks
-    go to the actor pool (read, decode, predict), each actor kept ``IN_FLIGHT`` blocks deep."""
+    """The output rows, one block (``--batch-size x BATCHES_PER_BLOCK`` files) at a time, in input order: the
+    blocks go to the actor pool (read, decode, predict), each actor kept ``IN_FLIGHT`` blocks deep."""
     import ray
 
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
     files = [os.path.join(cwd, p) for p in paths]
     workers = pool_size(opts)
+    names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
+    shipped = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
     # big jobs: a few batches per actor task; small ones: still spread over the pool
-    per_block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * workers))))
-    starts = range(0, len(files), per_block)
+    per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * workers))))
     actor = ray.remote(Forward).options(
         num_cpus=opts.cpus_per_worker,
         num_gpus=opts.gpus_per_worker or None,
         max_restarts=-1,  # a dead actor comes back and runs again the blocks it held
         max_task_retries=-1,
     )
-    args = (device, predictor.max_pixels, top_k, max(1, int(opts.cpus_per_worker)), opts.runtime, detect, max_faces)
-    shipped = [ray.put(bundle_files(bundle))]  # in a list: the actor fetches it (a bare ref would be resolved first)
-    pool = [actor.remote(shipped, *args) for _ in range(workers)]
-    todo = iter(enumerate(starts))
-    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, actor)
+    pool = [actor.remote([shipped], max_pixels, args) for _ in range(workers)]  # in a list: the actor fetches it
+    todo = iter(enumerate(range(0, len(files), per_block)))
+    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, its actor)
     done: dict[int, Any] = {}  # finished out of order, waiting for an earlier block
     wanted = 0
 
     def submit(worker: Any) -> None:
         if (job := next(todo, None)) is not None:
             i, at = job
-            ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]), batch_size)
+            ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]))
             running[ref] = (i, worker)
 
     for worker in pool:
@@ -222,7 +182,6 @@ def pool_size(opts: RayOptions) -> int:
 
     if opts.workers:
         return opts.workers
-
     key, each = ("GPU", opts.gpus_per_worker) if opts.gpus_per_worker else ("CPU", opts.cpus_per_worker)
     return max(1, int(ray.cluster_resources().get(key, 0) // each))
 
@@ -233,67 +192,31 @@ def run_ray(
     paths: Sequence[Path],
     shown: Sequence[str],
     outputs: Sequence[tuple[str, Path]],
-    batch_size: int,
-    top_k: int,
-    device: str,
-    opts: RayOptions,
-    progress: bool | None = None,
+    args: argparse.Namespace,
     keep_table: bool = False,
-    detect: bool = True,
-    max_faces: int | None = None,
 ) -> tuple[pd.DataFrame | None, int, int, int]:
-    """Run the job and write ``outputs`` atomically -> (the whole table if kept, rows, unreadable, faceless).
-
-    The table is kept on the driver only when a single-file output or ``keep_table`` needs it;
-    dataset folders receive the blocks as they arrive.
-    """
+    """Run the job and write ``outputs`` as its blocks arrive (``write_outputs``, which says what comes back)."""
     try:
         import ray
     except ImportError:
         raise FatalError("--engine ray: Ray is not installed (pip install 'svertka[ray]')") from None
+    opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker)
     started = connect(opts)
-    folders = [temp_name(out) for spec, out in outputs if is_dataset(spec)]
-    keep = keep_table or any(not is_dataset(spec) for spec, _ in outputs)
+    bar = progress_bar(len(paths), args.progress)
+
+    def blocks() -> Iterator[pd.DataFrame]:
+        for block in pipeline(bundle, paths, shown, predictor.max_pixels, args, opts):
+            yield block
+            bar.update(len(block))
+
     try:
-        for folder in folders:
-            folder.mkdir()
-        frames, pending, parts, rows, bad, faceless = [], [], 0, 0, 0, 0
-        bar = progress_bar(len(paths), progress)
-
-        def flush() -> None:
-            nonlocal parts, pending
-            if pending and folders:
-                part = pd.concat(pending, ignore_index=True)
-                for folder in folders:
-                    part.to_parquet(folder / f"part-{parts:05d}.parquet", index=False)
-                parts += 1
-            pending = []
-
-        try:
-            for block in blocks(predictor, bundle, paths, shown, batch_size, top_k, device, opts, detect, max_faces):
-                counts = error_counts(block)
-                rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
-                if keep:
-                    frames.append(block)
-                pending.append(block)
-                if sum(len(f) for f in pending) >= ROWS_PER_FILE:
-                    flush()
-                bar.update(len(block))
-            flush()
-        except ray.exceptions.RayError as e:
-            raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
-        finally:
-            bar.close()
-        table = pd.concat(frames, ignore_index=True) if keep else None
-        write_outputs(table, outputs, prewritten=folders)
-    except BaseException:
-        for folder in folders:
-            remove(folder)
-        raise
+        return write_outputs(blocks(), outputs, ROWS_PER_FILE, keep_table)
+    except ray.exceptions.RayError as e:
+        raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
     finally:
+        bar.close()
         if started:
             ray.shutdown()
-    return table, rows, bad, faceless
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

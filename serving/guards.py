@@ -1,11 +1,10 @@
-"""HTTP guards in front of the service's APIs, each refusal a JSON ``{"error": reason}``: a body over the limit
-(413), overload (503 + ``Retry-After``), anything but a well-formed multipart form with files where files belong
-(400), and the routers' plain-text 404 and 405 (as JSON, naming the endpoints or the methods allowed).
+"""HTTP guards in front of the service's APIs, each refusal a JSON ``{"error": reason}``: no accepted API token
+(401), a body over the limit (413), overload (503 + ``Retry-After``), anything but a well-formed multipart form
+with files where files belong (400), and the routers' plain-text 404 and 405 (as JSON, naming the endpoints or
+the methods allowed).
 
     Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)     # likewise the other middlewares
-    @strict_multipart
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Path, ...) -> dict: ...
+    @strict_multipart                                                       # on a @bentoml.api method
 """
 
 from __future__ import annotations
@@ -16,10 +15,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# The health endpoints: never refused (probes must see a busy worker) and open without a token (serving/auth.py).
+from serving.auth import Tokens
+
+# The health endpoints: never refused (probes must see a busy worker) and open without a token.
 OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
 
 
@@ -70,6 +71,53 @@ class BodyLimitMiddleware:
             await error(413, reason)(scope, receive, send)
 
 
+PROMPT_PAGE = (Path(__file__).parent / "static" / "token.html").read_bytes()  # asks a browser for the token
+
+
+class TokenAuthMiddleware:
+    """401 for every request without an accepted ``Authorization: Bearer`` token (``serving.auth``), but the health
+    paths (``tokens`` None: no token configured, everything passes); a browser at ``/`` gets a page that asks for it."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens | None) -> None:
+        self.app, self.tokens = app, tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tokens is None or scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if scope["type"] == "http" and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            return await self.app(scope, receive, send)  # a CORS preflight: browsers never send credentials
+        reason, given = self._refusal(headers.get(b"authorization"))
+        if reason is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        challenge = 'Bearer realm="svertka"' + (', error="invalid_token"' if given else "")
+        answer = {"WWW-Authenticate": challenge, "Cache-Control": "no-store"}
+        browser = (
+            scope["method"] in ("GET", "HEAD") and scope["path"] == "/" and b"text/html" in headers.get(b"accept", b"")
+        )
+        response = HTMLResponse(PROMPT_PAGE, 401, answer) if browser else error(401, reason, answer)
+        if scope["method"] == "HEAD":
+            response.body = b""  # the headers of a GET (its Content-Length too), no body
+        await response(scope, receive, send)
+
+    def _refusal(self, header: bytes | None) -> tuple[str | None, bool]:
+        """(why the request is refused or None, whether it carried a token at all)."""
+        assert self.tokens is not None
+        if header is None:
+            return "missing API token: send the header 'Authorization: Bearer <token>'", False
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "the Authorization header must be 'Bearer <token>'", False
+        token = token.strip()
+        if not token:
+            return "empty API token in 'Authorization: Bearer'", True
+        if not self.tokens.accepts(token):
+            return "invalid API token", True
+        return None, True
+
+
 class JsonRoutingErrors:
     """The routers' plain-text 404 (naming ``endpoints``) and 405 (keeping ``Allow``) as ``{"error": reason}``;
     any other answer, JSON 404s of the service included, passes through untouched."""
@@ -110,18 +158,12 @@ class AdmissionMiddleware:
     past ``window_s`` (in-flight alone cannot tell one client from 32: docs/SERVING.md)."""
 
     current: AdmissionMiddleware | None = None  # the one built last in this process (one per worker)
+    retry_after = {"Retry-After": "1"}
+    drain_bytes = 32 << 20
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_in_flight: int,
-        retry_after_s: int = 1,
-        drain_bytes: int = 32 << 20,
-        window_s: float = 1.0,
-    ) -> None:
-        self.app, self.max_in_flight, self.drain_bytes, self.window_s = app, max_in_flight, drain_bytes, window_s
+    def __init__(self, app: ASGIApp, max_in_flight: int, window_s: float = 1.0) -> None:
+        self.app, self.max_in_flight, self.window_s = app, max_in_flight, window_s
         self.in_flight = self.refused = self.recent_clients = 0
-        self.headers = {"Retry-After": str(retry_after_s)}
         self.seen: dict[Any, list] = {}  # client (host, port) -> [when its last request came, requests]
         self.next_prune = 0.0
         AdmissionMiddleware.current = self
@@ -146,7 +188,7 @@ class AdmissionMiddleware:
                 f"server busy: this worker already holds {self.in_flight} requests (SVERTKA_MAX_IN_FLIGHT); retry later"
             )
             await self._drain(receive)
-            return await error(503, reason, self.headers)(scope, receive, send)
+            return await error(503, reason, self.retry_after)(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)

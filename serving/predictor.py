@@ -1,13 +1,9 @@
-"""One predictor for the HTTP service and the batch script, so the two cannot drift.
+"""One predictor for the HTTP service and the batch script, so the two cannot drift: everything comes from the
+bundle (``models.bundle``), and ``runtime`` picks ONNX Runtime or torch (docs/SERVING.md, "Settings").
 
-    >>> p = Predictor("artifacts/quickstart")                  # a bundle folder (or (module, meta))
-    >>> p.predict_files(["shirt.png"], top_k=3)
+    >>> Predictor("artifacts/quickstart").predict_files(["shirt.png"], top_k=3)
     [{'label': 'Shirt', 'score': 0.91, 'top_k': [{'label': 'Shirt', 'score': 0.91}, ...]}]
     >>> prep = Predictor("artifacts/utkface_age").prepare("group.jpg", max_faces=5)  # a face model: faces first
-
-Everything comes from the bundle (``models.bundle``): network, class names or target, eval preprocessing
-and, for a face model, the chip framing (``data.faces``). ``runtime``: ``onnx`` (ONNX Runtime over
-``model.onnx``, CPU, at ``torch.get_num_threads()`` threads), ``torch``, or ``auto`` (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -29,20 +25,11 @@ from data.preprocess import (
     PreprocessSpec,
     decode_image,
     eval_transform,
-    load_image,
     open_image,
     preprocess,
 )
 from models import heads
 from models.bundle import BundleError, BundleMeta, check_weights, load_bundle, read_meta, read_onnx
-
-
-def auto_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 RUNTIMES = ("auto", "onnx", "torch")
 
@@ -110,13 +97,12 @@ class ImageLoader:
         return open_image(src, max_pixels=self.max_pixels)
 
     def decode(self, src: bytes | str | Path | Image.Image) -> np.ndarray:
-        """Bytes, a file or an image from ``open`` -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
-        if not isinstance(src, Image.Image):
-            return load_image(src, channels=self.spec.channels, max_pixels=self.max_pixels)
+        """Bytes, a file or an image from ``open`` (closed here) -> uint8 ``(H, W, C)``; ``ImageError`` if unusable."""
+        img = src if isinstance(src, Image.Image) else self.open(src)
         try:
-            return decode_image(src, self.spec.channels)
+            return decode_image(img, self.spec.channels)
         finally:
-            src.close()
+            img.close()
 
     def preprocess(self, arr: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
@@ -150,7 +136,8 @@ class Predictor:
         face_settings: DetectSettings | None = None,
         runtime: str = "auto",
     ) -> None:
-        self.device = auto_device(device)
+        auto = device is None or str(device) == "auto"  # CUDA when available, else CPU
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else device)
         loaded = isinstance(bundle, tuple)
         self.meta = meta = bundle[1] if loaded else read_meta(bundle)
         # a loaded module handed in runs as it is unless runtime="onnx" asks for the bundle's graph
@@ -172,10 +159,10 @@ class Predictor:
         self.framing = FaceFraming.from_dict(self.meta.faces) if self.meta.faces else None
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
         self.loader = ImageLoader(self.spec, max_pixels, aligner)
+        self.prepare = self.loader.prepare  # an image's faces and their inputs
         self.class_names = self.meta.class_names or []
         self.target = self.meta.target or {}
-        bins = self.meta.bins
-        self.bins = torch.tensor(bins, dtype=torch.float32, device=self.device) if bins else None
+        self.bins = torch.tensor(self.meta.bins, dtype=torch.float32, device=self.device) if self.meta.bins else None
 
     @property
     def num_classes(self) -> int:
@@ -189,12 +176,6 @@ class Predictor:
     def uses_faces(self) -> bool:
         """True when the model expects aligned face chips (the bundle has a ``faces`` entry)."""
         return self.framing is not None
-
-    def prepare(
-        self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
-    ) -> Prepared:
-        """The faces in ``src`` and their inputs (see ``ImageLoader.prepare``)."""
-        return self.loader.prepare(src, max_faces, detect)
 
     def face_results(self, prepared: Prepared, outputs: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
         """``[{"box", "score", <target name> (e.g. "age") or label/score/top_k}, ...]``, one per face."""

@@ -1,14 +1,11 @@
 """BentoML service: classify images and estimate ages with the bundles in BentoML's model store.
 
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
-    curl -F image=@shirt.png -F top_k=3 localhost:3000/classify
-    curl -F image=@photo.jpg -F max_faces=5 localhost:3000/estimate_age   # every face: box, score, age
-    curl localhost:3000/models          # the models this worker loaded; /stats: its counters
-    open http://localhost:3000/         # a page to try every model (static/index.html, with a strict CSP)
+    curl -F image=@shirt.png -F top_k=3 localhost:3000/classify     # also /estimate_age, /models, /stats; the page: /
 
-Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards:
-``serving/guards.py``; tokens: ``serving/auth.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503
-with ``Retry-After``, never a 500. How it runs and why, with measurements: docs/SERVING.md.
+Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards
+(tokens too): ``serving/guards.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503 with
+``Retry-After``, never a 500. The endpoints, how it runs and why, with measurements: docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from data.preprocess import ImageError
-from serving import auth
+from serving import auth, guards
 from serving.guards import AdmissionMiddleware, BodyLimitMiddleware, JsonRoutingErrors, error, load, strict_multipart
 from serving.predictor import Predictor, Prepared
 from serving.settings import Settings, cpu_count
@@ -265,17 +262,13 @@ class Svertka(ModelReferences):
         """This worker's counters: forward batches, requests in flight, clients seen in the last second, 503s."""
         batches = sum(b.batches for b in self.batchers.values())
         items = sum(b.items for b in self.batchers.values())
-        inline = sum(b.inline for b in self.batchers.values())
-        admission = AdmissionMiddleware.current
         return {
             "pid": os.getpid(),
             "batches": batches,
             "batched_requests": items,
             "mean_batch_size": items / batches if batches else None,
-            "inline_batches": inline,
-            "in_flight": admission.in_flight if admission else None,
-            "recent_clients": admission.recent_clients if admission else None,
-            "refused": admission.refused if admission else None,
+            "inline_batches": sum(b.inline for b in self.batchers.values()),
+            **{k: getattr(AdmissionMiddleware.current, k, None) for k in ("in_flight", "recent_clients", "refused")},
             "max_in_flight": SETTINGS.max_in_flight,
         }
 
@@ -315,15 +308,13 @@ class Svertka(ModelReferences):
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int | None = None, model: str | None = None) -> dict[str, Any]:
         """Classify one image: ``{"label", "score", "top_k": [{"label", "score"}, ...], "model"}`` (top_k: 5)."""
-        picked = self._pick(model, "classification")
-        if isinstance(picked, JSONResponse):
+        if isinstance(picked := self._pick(model, "classification"), JSONResponse):
             return picked
         tag, pred = picked
         top_k = min(5, pred.num_classes) if top_k is None else top_k
         if not 1 <= top_k <= pred.num_classes:
             return error(400, f"top_k must be between 1 and {pred.num_classes} for model {tag!r}, got {top_k}")
-        prep = await self._inputs(pred, image)
-        if isinstance(prep, JSONResponse):
+        if isinstance(prep := await self._inputs(pred, image), JSONResponse):
             return prep
         out = await self.batchers[tag].submit(prep.inputs[0])  # (C, h, w) -> (N,)
         return JSONResponse({**pred.format(out, top_k), "model": tag})
@@ -335,14 +326,12 @@ class Svertka(ModelReferences):
     ) -> dict[str, Any]:
         """Ages of the faces in a photo, largest first: ``{"faces": [{"box", "score", "age"}, ...], "model"}``
         (``detect=false``: the image is an aligned chip, one face, score null)."""
-        picked = self._pick(model, "regression")
-        if isinstance(picked, JSONResponse):
+        if isinstance(picked := self._pick(model, "regression"), JSONResponse):
             return picked
         tag, pred = picked
         if max_faces is not None and not 1 <= max_faces <= MAX_FACES:
             return error(400, f"max_faces must be between 1 and {MAX_FACES}, got {max_faces}")
-        prep = await self._inputs(pred, image, max_faces or MAX_FACES, detect)
-        if isinstance(prep, JSONResponse):
+        if isinstance(prep := await self._inputs(pred, image, max_faces or MAX_FACES, detect), JSONResponse):
             return prep
         outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
         faces = [
@@ -361,7 +350,7 @@ class Svertka(ModelReferences):
 # Outermost first: refuse a missing token and overload before anything reads the body, then the body limit.
 TOKENS = auth.startup()
 if TOKENS is not None:  # no token configured: no layer at all (each costs every request a little)
-    Svertka.add_asgi_middleware(auth.TokenAuthMiddleware, tokens=TOKENS)
+    Svertka.add_asgi_middleware(guards.TokenAuthMiddleware, tokens=TOKENS)
 Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=SETTINGS.max_in_flight)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
 # What a 404 names: the APIs (POST), the GET routes of info_app (the page at /, OpenAPI at /docs), the probe.

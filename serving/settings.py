@@ -1,11 +1,9 @@
 """The service's settings: ``SVERTKA_*`` environment variables, parsed and checked once (the table, with
-defaults: docs/SERVING.md, "Settings").
+defaults: docs/SERVING.md, "Settings"). A bad value raises ``SettingsError`` naming the variable: a
+``BentoMLException``, so ``bentoml serve`` prints it as one line and exits 1, without a traceback.
 
     >>> Settings.from_env({"SVERTKA_MODELS": "quickstart", "SVERTKA_WORKERS": "2"}).models
     ('quickstart:latest',)
-
-A bad value raises ``SettingsError`` naming the variable: a ``BentoMLException``, so ``bentoml serve`` prints
-it as one line (``Error: [serve] `serve` failed: SVERTKA_...``) and exits 1, without a traceback.
 """
 
 from __future__ import annotations

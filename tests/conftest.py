@@ -22,3 +22,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed() -> None:
     """Every test starts from the same torch RNG state, so random weights and inputs are repeatable."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Decoded-image caches go to this session's temp folder, not the user's ``~/.cache/svertka``
+    (unless ``SVERTKA_CACHE`` names one)."""
+    os.environ.setdefault("SVERTKA_CACHE", str(tmp_path_factory.mktemp("svertka-cache")))

@@ -5,8 +5,8 @@
     python benchmarks/batch_throughput.py --quick                  # smoke test: 300 images
     python benchmarks/batch_throughput.py --images 19362 --ray --no-bound --repeats 3   # Ray engine vs local
 
-``--ray`` adds the Ray Data engine (``--engine ray``, a local Ray started by the script, one model
-actor) beside the local engine: both run as a user runs them, whole runs timed (Ray's start-up
+``--ray`` adds the Ray engine (``--engine ray``, a local Ray started by the script, one model
+actor per core) beside the local engine: both run as a user runs them, whole runs timed (Ray's start-up
 included), alternating ``--repeats`` times; medians, their spread and the ratio are printed.
 Target: the Ray engine at least 0.8 of the local engine's images/s. ``--no-bound`` skips the
 in-process bound below. Both engines run the script's default runtime (ONNX Runtime on a CPU).

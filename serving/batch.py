@@ -20,6 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # --engine ray: the local Ray starts now, while torch imports (serving/ray_start.py)
+    from serving.ray_start import start_early
+
+    start_early(sys.argv[1:])
+
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -336,4 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        from serving.ray_start import stop_unused
+
+        stop_unused()  # an early Ray that no job took (a bad option)

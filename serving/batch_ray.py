@@ -1,11 +1,13 @@
-"""The Ray Data engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
+"""The Ray engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
 
     python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages/ --engine ray \
         --address head-node:6379 --workers 8 --num-gpus-per-worker 1
 
 Model actors (``Forward``) read, decode, predict and build rows with the local engine's own functions; only
-paths go in and only rows come back, in input order. How a job runs, its outputs and faults: docs/BATCH.md.
-Only this module imports Ray.
+paths go in and only rows come back, in input order. Plain Ray actors fed blocks by the driver, not Ray Data:
+Ray Data starts three service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's
+start-up. A local Ray starts as the script begins (``serving.ray_start``). How a job runs, its outputs and
+faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -31,9 +32,11 @@ from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
 from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
+from serving.ray_start import init_local, local_cpus, take_early
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
+IN_FLIGHT = 2  # blocks given to each actor at a time: one to run, one waiting (its inputs already there)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class RayOptions:
 
 
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a batch of ``(file, path)`` rows -> their output rows, read,
+    """A Ray actor: the bundle's ``Predictor``; a block of files -> their output rows, read,
     decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``. ``args``: the
     checked options of ``python -m serving.batch``."""
 
@@ -67,23 +70,27 @@ class Forward:
         self.args = args
         self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        args = self.args
-        files = ImageFiles([str(f) for f in batch["file"]], self.predictor.loader, args.max_faces, args.detect)
-        shown = [str(p) for p in batch["path"]]
-        collated = collate(list(self.pool.map(files.__getitem__, range(len(files)))))
-        return to_table(label(self.predictor, *collated, shown, args.top_k), self.predictor, args.top_k)
+    def __call__(self, files: list[str], shown: list[str]) -> pd.DataFrame:
+        """One block: ``files`` (absolute paths) shown as ``shown`` -> their rows, ``--batch-size`` at a time."""
+        args, rows = self.args, []
+        for at in range(0, len(files), args.batch_size):
+            read = ImageFiles(files[at : at + args.batch_size], self.predictor.loader, args.max_faces, args.detect)
+            collated = collate(list(self.pool.map(read.__getitem__, range(len(read)))))
+            rows += label(self.predictor, *collated, shown[at : at + args.batch_size], args.top_k)
+        return to_table(rows, self.predictor, args.top_k)
 
 
 def connect(opts: RayOptions) -> bool:
-    """Join the cluster at ``opts.address``, or start a local Ray sized for decoding + actors; True if started here."""
+    """Join the cluster at ``opts.address``, or start a local Ray sized for the actors (or take the one
+    ``serving.ray_start`` started as the script began); True if started here."""
     import ray
 
     if opts.address:
         check_reachable(opts.address)
-    if ray.is_initialized():  # called from a Ray driver that is already connected (e.g. the tests' session)
+    cpus = local_cpus(opts.workers, opts.cpus_per_worker)
+    early = None if opts.address else take_early(cpus)
+    if early is None and ray.is_initialized():  # a Ray driver already connected (e.g. the tests' session)
         return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
     try:
         if opts.address:
             import data
@@ -91,14 +98,12 @@ def connect(opts: RayOptions) -> bool:
             import serving
 
             # The cluster's Python needs svertka's dependencies; its own code travels with the job.
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
             ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
+        elif early is not None:
+            early.result()  # started while the script imported and listed its inputs; its error, if any
         else:
-            cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or 0) * opts.cpus_per_worker))
-            # Ray 2.60's warning that a new local cluster uses token authentication: nothing for a user to do.
-            # (Setting RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            # "local": a new Ray of our own, even when `ray start --head` runs on this machine
-            ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+            init_local(cpus)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"--address {opts.address}" if opts.address else "--engine ray"
         hint = ""
@@ -120,41 +125,54 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def pipeline(
-    predictor: Predictor,
     bundle: Path,
     paths: Sequence[Path],
     shown: Sequence[str],
+    max_pixels: int | None,
     args: argparse.Namespace,
     opts: RayOptions,
-) -> Any:
-    """The lazy dataset: ``(file, path)`` rows -> the actor pool (read, decode, predict) -> output rows."""
+) -> Iterator[pd.DataFrame]:
+    """The output rows, one block (``--batch-size x BATCHES_PER_BLOCK`` files) at a time, in input order: the
+    blocks go to the actor pool (read, decode, predict), each actor kept ``IN_FLIGHT`` blocks deep."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows come back in input order, as the local engine writes them
-    ctx.enable_progress_bars = False  # the driver shows its own (files/s, ETA)
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
-    items = [{"file": os.path.join(cwd, p), "path": s} for p, s in zip(paths, shown, strict=True)]
+    files = [os.path.join(cwd, p) for p in paths]
     workers = pool_size(opts)
     names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
-    files = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
+    shipped = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
     # big jobs: a few batches per actor task; small ones: still spread over the pool
-    per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(items) / (2 * workers))))
-    return (
-        # from_items builds the blocks here; from_pandas would run a Ray task per block for its metadata
-        ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block)).map_batches(
-            Forward,
-            batch_size=args.batch_size,
-            fn_constructor_args=([files], predictor.max_pixels, args),
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=opts.cpus_per_worker,
-            num_gpus=opts.gpus_per_worker or None,
-            batch_format="numpy",
-        )
+    per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * workers))))
+    actor = ray.remote(Forward).options(
+        num_cpus=opts.cpus_per_worker,
+        num_gpus=opts.gpus_per_worker or None,
+        max_restarts=-1,  # a dead actor comes back and runs again the blocks it held
+        max_task_retries=-1,
     )
+    pool = [actor.remote([shipped], max_pixels, args) for _ in range(workers)]  # in a list: the actor fetches it
+    todo = iter(enumerate(range(0, len(files), per_block)))
+    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, its actor)
+    done: dict[int, Any] = {}  # finished out of order, waiting for an earlier block
+    wanted = 0
+
+    def submit(worker: Any) -> None:
+        if (job := next(todo, None)) is not None:
+            i, at = job
+            ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]))
+            running[ref] = (i, worker)
+
+    for worker in pool:
+        for _ in range(IN_FLIGHT):
+            submit(worker)
+    while running or done:
+        while wanted in done:
+            yield ray.get(done.pop(wanted))
+            wanted += 1
+        if running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i, worker = running.pop(ref)
+            done[i] = ref
+            submit(worker)
 
 
 def pool_size(opts: RayOptions) -> int:
@@ -187,11 +205,8 @@ def run_ray(
     bar = progress_bar(len(paths), args.progress)
 
     def blocks() -> Iterator[pd.DataFrame]:
-        dtypes = to_table([], predictor, args.top_k).dtypes.to_dict()
-        for block in pipeline(predictor, bundle, paths, shown, args, opts).iter_batches(
-            batch_size=None, batch_format="pandas", prefetch_batches=2
-        ):
-            yield block.astype(dtypes)  # Arrow -> pandas dtypes
+        for block in pipeline(bundle, paths, shown, predictor.max_pixels, args, opts):
+            yield block
             bar.update(len(block))
 
     try:

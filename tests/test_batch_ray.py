@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ ray = pytest.importorskip("ray")
 batch_ray = pytest.importorskip("serving.batch_ray")
 
 REPO = Path(__file__).resolve().parents[1]
-ACTOR_TITLE = b"ray::MapWorker(MapBatches(Forward))"
+ACTOR_TITLE = b"ray::Forward"
 
 
 def make_bundles(root: Path) -> dict[str, Path]:
@@ -288,6 +289,36 @@ def test_ray_engine_from_the_command_line(setup: dict, tmp_path: Path) -> None:
     assert len(pd.read_csv(out)) == 33
     # Ray's own notices that tell a user nothing to do: the token mode Ray chose, the bars we replace
     assert "Token authentication" not in r.stderr and "Progress bars disabled" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="looks for Ray's processes through /proc")
+def test_bad_option_stops_the_local_ray_started_early(setup: dict, tmp_path: Path) -> None:
+    """``--engine ray`` starts a local Ray as the script begins (serving/ray_start.py); an option found bad
+    after that is still one line, exit 1, no output, and that Ray is stopped (the command returns)."""
+    out = tmp_path / "out.csv"
+    cmd = [sys.executable, "-m", "serving.batch", "--model", str(setup["bundles"]["age"]), "--input",
+           str(setup["images"]), "--output", str(out), "--engine", "ray", "--batch-size", "0"]  # fmt: skip
+    ray_tmp = Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == ["error: --batch-size must be at least 1, got 0"], r.stderr
+        assert list(tmp_path.iterdir()) == []
+        assert list((ray_tmp / "ray").glob("session_2*")), "no local Ray was started early"
+        left = [p for p in _cmdlines() if str(ray_tmp).encode() in p]
+        assert not left, left  # its processes are gone
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _cmdlines() -> list[bytes]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                out.append((entry / "cmdline").read_bytes())
+    return out
 
 
 def _closed_port() -> int:

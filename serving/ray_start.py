@@ -1,0 +1,108 @@
+"""The Ray engine's local Ray, started in a thread the moment ``python -m serving.batch --engine ray`` runs.
+
+``ray.init`` of a new local Ray spends ~4 s (2 cores) waiting for Ray's own processes to come up;
+started before the batch script imports torch, reads its inputs and loads the bundle, that work
+fills the wait. Only the standard library is imported here; ``serving.batch_ray.connect`` takes
+the started Ray (or its error), and ``stop_unused`` stops one that no job took (a bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+_early: Future | None = None  # the local Ray being started, until connect takes it
+
+
+def local_cpus(workers: int | None, cpus_per_worker: float) -> int:
+    """Logical CPUs of a local Ray: this machine's cores, more if ``workers x cpus_per_worker`` asks for more."""
+    return max(os.cpu_count() or 1, math.ceil((workers or 0) * cpus_per_worker))
+
+
+def init_local(cpus: int) -> None:
+    """``ray.init`` of a new local Ray of our own (even when ``ray start --head`` runs on this machine), quiet."""
+    import ray
+
+    # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
+    # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
+    # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.worker").setLevel(logging.ERROR)  # "SIGTERM handler is not set": set below
+    ray.init(
+        "local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=2 * 1024**3,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=True,
+    )
+
+
+def start_early(argv: Sequence[str]) -> None:
+    """Start ``init_local`` in a thread when ``argv`` asks for ``--engine ray`` without ``--address``."""
+    global _early
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--engine")
+    p.add_argument("--address")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    try:
+        args, _ = p.parse_known_args(argv)
+    except (SystemExit, ValueError):  # the batch script's own parser says what is wrong
+        return
+    if args.engine != "ray" or args.address or (args.workers or 0) < 0 or args.cpus_per_worker <= 0:
+        return
+    try:
+        import ray  # noqa: F401  (before the thread: importing it there would hold the import lock)
+    except ImportError:
+        return  # connect says so
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # what ray.init sets, from the main thread only
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    cpus = local_cpus(args.workers, args.cpus_per_worker)
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            init_local(cpus)
+        except BaseException as e:  # noqa: B036  (handed to the main thread, which raises it)
+            future.set_exception(e)
+            return
+        future.set_result(cpus)
+        # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): this one stays
+        # until the process ends (a daemon thread), after ray.shutdown.
+        threading.Event().wait()
+
+    threading.Thread(target=run, name="ray-init", daemon=True).start()
+    _early = future
+
+
+def take_early(cpus: int) -> Future | None:
+    """The early start if there is one and it was asked for ``cpus`` CPUs (connect's own sizing), else None."""
+    global _early
+    future, _early = _early, None
+    if future is not None and future.exception() is None and future.result() != cpus:  # sized otherwise
+        _shutdown()
+        return None
+    return future
+
+
+def stop_unused() -> None:
+    """Stop an early Ray that no job took."""
+    global _early
+    future, _early = _early, None
+    if future is not None and future.exception() is None:
+        _shutdown()
+
+
+def _shutdown() -> None:
+    import ray
+
+    ray.shutdown()

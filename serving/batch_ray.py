@@ -13,7 +13,6 @@ faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
 from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
-from serving.ray_start import init_local, local_cpus, take_early
+from serving.ray_start import QUIET, init_local, local_cpus, take_early
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
@@ -98,8 +97,7 @@ def connect(opts: RayOptions) -> bool:
             import serving
 
             # The cluster's Python needs svertka's dependencies; its own code travels with the job.
-            quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}
-            ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **quiet)
+            ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **QUIET)
         elif early is not None:
             early.result()  # started while the script imported and listed its inputs; its error, if any
         else:

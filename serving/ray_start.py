@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 _early: Future | None = None  # the local Ray being started, until connect takes it
+QUIET = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": True}  # every ray.init
 
 
 def local_cpus(workers: int | None, cpus_per_worker: float) -> int:
@@ -40,9 +41,7 @@ def init_local(cpus: int) -> None:
         num_cpus=cpus,
         include_dashboard=False,
         object_store_memory=2 * 1024**3,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        configure_logging=True,
+        **QUIET,
     )
 
 

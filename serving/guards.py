@@ -259,8 +259,6 @@ def strict_multipart(api: Any) -> Any:
                 raise _form_error(key, f"'{key}' must be a file part (curl -F {key}=@FILE), not text")
             if key not in cls.multipart_fields and is_file:
                 raise _form_error(key, f"'{key}' must be a text field, not a file")
-        if not all(cls.model_fields[k].annotation is Path for k in cls.multipart_fields):
-            return await super(strict, cls).from_http_request(request, serde)  # starlette caches the parsed form
         # BentoML would copy each upload into a temporary file (0.6-0.9 ms of CPU): validate a path, hand bytes.
         data: dict[str, Any] = {}
         uploads: dict[str, Upload] = {}

@@ -20,14 +20,7 @@ from PIL import Image
 from torch import nn
 
 from data.faces import DetectSettings, FaceAligner, FaceFraming
-from data.preprocess import (
-    DEFAULT_MAX_PIXELS,
-    PreprocessSpec,
-    decode_image,
-    eval_transform,
-    open_image,
-    preprocess,
-)
+from data.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode_image, eval_transform, open_image, preprocess
 from models import heads
 from models.bundle import BundleError, BundleMeta, check_weights, load_bundle, read_meta, read_onnx
 
@@ -160,22 +153,12 @@ class Predictor:
         aligner = FaceAligner(self.framing, face_settings, self.meta.path) if self.framing else None
         self.loader = ImageLoader(self.spec, max_pixels, aligner)
         self.prepare = self.loader.prepare  # an image's faces and their inputs
+        self.uses_faces = self.framing is not None  # the model expects aligned face chips
         self.class_names = self.meta.class_names or []
+        self.num_classes = len(self.class_names)
         self.target = self.meta.target or {}
+        self.target_name = str(self.target.get("name", "value"))
         self.bins = torch.tensor(self.meta.bins, dtype=torch.float32, device=self.device) if self.meta.bins else None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def target_name(self) -> str:
-        return str(self.target.get("name", "value"))
-
-    @property
-    def uses_faces(self) -> bool:
-        """True when the model expects aligned face chips (the bundle has a ``faces`` entry)."""
-        return self.framing is not None
 
     def face_results(self, prepared: Prepared, outputs: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
         """``[{"box", "score", <target name> (e.g. "age") or label/score/top_k}, ...]``, one per face."""

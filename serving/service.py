@@ -48,8 +48,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def full_collections_every(seconds: float) -> threading.Event:
-    """Python's full collections every ``seconds`` from a thread, not when Python decides (docs/SERVING.md,
-    "Garbage collection"). Set the returned event to stop."""
+    """Python's full collections every ``seconds`` from a thread (docs/SERVING.md); set the event to stop."""
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, 1_000_000_000)  # generation 2 only when collected by hand
     stop = threading.Event()

@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine == "ray":
             from serving.batch_ray import run_ray  # imports ray: only for this engine
 
-            table, rows, bad, faceless = run_ray(predictor, bundle, paths, shown, outputs, args, truth is not None)
+            table, rows, bad, faceless = run_ray(bundle, paths, shown, outputs, args)
             metrics = score(table, truth, predictor, args.truth) if truth is not None else None
         else:
             table = predict(predictor, paths, shown, args)

@@ -1,10 +1,8 @@
 """The Ray engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
 
-Model actors (``Forward``) read, decode, predict and build rows with the local engine's own functions; only
-paths go in and only rows come back, in input order. Plain Ray actors fed blocks by the driver, not Ray Data:
-Ray Data starts three service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's
-start-up. How a job runs, its outputs and faults: docs/BATCH.md. Only this module and ``serving.ray_start``
-(the local Ray, started as the script begins) import Ray.
+Plain Ray actors (``Forward``, the local engine's own functions) fed blocks of paths by the driver, rows back in
+input order; not Ray Data, whose three service actors and pyarrow imports cost 4-5 s of a 2-core start. How a job
+runs, its outputs and faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
 """
 
 from __future__ import annotations
@@ -34,9 +32,8 @@ IN_FLIGHT = 2  # blocks given to each actor at a time: one to run, one waiting (
 
 
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a block of files -> their output rows, read,
-    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``. ``args``: the
-    checked options of ``python -m serving.batch``."""
+    """A Ray actor holding the bundle's ``Predictor``: a block of files -> their output rows, with the local engine's
+    ``ImageFiles``, ``collate`` and ``label``. ``args``: the checked options of ``python -m serving.batch``."""
 
     def __init__(self, files: list[Any], args: argparse.Namespace) -> None:
         import ray
@@ -125,16 +122,15 @@ def pipeline(
         max_task_retries=-1,
     )
     pool = [actor.remote([shipped], args) for _ in range(workers)]  # in a list: the actor fetches it
-    todo = iter(enumerate(range(0, len(files), per_block)))
-    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, its actor)
+    todo = iter(range(0, len(files), per_block))  # each block's first file
+    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (its block's first file, its actor)
     done: dict[int, Any] = {}  # finished out of order, waiting for an earlier block
     wanted = 0
 
     def submit(worker: Any) -> None:
-        if (job := next(todo, None)) is not None:
-            i, at = job
+        if (at := next(todo, None)) is not None:
             ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]))
-            running[ref] = (i, worker)
+            running[ref] = (at, worker)
 
     for worker in pool:
         for _ in range(IN_FLIGHT):
@@ -144,11 +140,11 @@ def pipeline(
             block = ray.get(done.pop(wanted))
             yield block
             bar.update(len(block))
-            wanted += 1
+            wanted += per_block
         if running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            i, worker = running.pop(ref)
-            done[i] = ref
+            at, worker = running.pop(ref)
+            done[at] = ref
             submit(worker)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__":  # --engine ray: the local Ray starts now, while torch imports (serving/ray_start.py)
-    from serving.ray_start import start_early
+    from serving.ray_start import start_early, stop_unused
 
     start_early(sys.argv[1:])
 
@@ -35,6 +35,8 @@ from data.preprocess import DEFAULT_MAX_PIXELS
 from models.bundle import BundleError
 from serving.batch_output import NO_FACE, FatalError, check_output, temp_name, to_table, write_outputs
 from serving.predictor import RUNTIMES, ImageLoader, Predictor, Prepared
+
+File = tuple[int, list[dict[str, Any]], int, str | None]  # collate's (index, faces, inputs in the batch, error)
 
 
 class ImageFiles(Dataset):
@@ -52,9 +54,7 @@ class ImageFiles(Dataset):
         return (i, *read_or_error(self.loader.prepare, self.paths[i], self.max_faces, self.detect))
 
 
-def collate(
-    items: list[tuple[int, Prepared | None, str | None]],
-) -> tuple[list[tuple[int, list[dict[str, Any]], int, str | None]], torch.Tensor | None]:
+def collate(items: list[tuple[int, Prepared | None, str | None]]) -> tuple[list[File], torch.Tensor | None]:
     """-> per file ``(index, faces, inputs it has in the batch, error)``, and every input of every good image in
     one ``(B, C, h, w)`` batch (the inputs travel only there: each tensor costs a worker a shared-memory segment)."""
     inputs = [p.inputs for _, p, _ in items if p is not None and len(p.inputs)]
@@ -92,11 +92,6 @@ def read_csv(path: Path, option: str) -> pd.DataFrame:
 def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
     """Paths to read and how each is shown in the output (as listed in the CSV, or as found)."""
     path = Path(spec)
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not found:
-            raise FatalError(f"--input {spec}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return found, [str(p) for p in found]
     if path.is_file() and path.suffix.lower() == ".csv":
         table = read_csv(path, f"--input {spec}")
         if "path" not in table.columns:
@@ -107,9 +102,14 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[str]]:
         return [path.parent / p for p in shown], shown
     if path.is_file():
         return [path], [spec]
-    found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        missing = f"no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    else:
+        found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        missing = "no such folder or CSV, and no files match it as a glob"
     if not found:
-        raise FatalError(f"--input {spec}: no such folder or CSV, and no files match it as a glob")
+        raise FatalError(f"--input {spec}: {missing}")
     return found, [str(p) for p in found]
 
 
@@ -128,24 +128,18 @@ def predict(
         collate_fn=collate,
         worker_init_fn=_worker_init if workers else None,
         pin_memory=predictor.device.type == "cuda",
-        persistent_workers=False,
     )
     rows: list[dict[str, Any]] = []
-    progress = args.progress
-    bar = tqdm(total=len(paths), unit="file", desc="predicting", disable=None if progress is None else not progress)
-    for files, batch in loader:  # in input order
-        rows += label(predictor, files, batch, shown, args.top_k)
-        bar.update(len(files))
-    bar.close()
+    disable = None if args.progress is None else not args.progress  # None: on a TTY only
+    with tqdm(total=len(paths), unit="file", desc="predicting", disable=disable) as bar:
+        for files, batch in loader:  # in input order
+            rows += label(predictor, files, batch, shown, args.top_k)
+            bar.update(len(files))
     return to_table(rows, predictor, args.top_k)
 
 
 def label(
-    predictor: Predictor,
-    files: list[tuple[int, list[dict[str, Any]], int, str | None]],
-    batch: torch.Tensor | None,
-    shown: Sequence[str],
-    top_k: int,
+    predictor: Predictor, files: list[File], batch: torch.Tensor | None, shown: Sequence[str], top_k: int
 ) -> list[dict[str, Any]]:
     """One ``collate``d batch -> its files' output rows in order, for every engine: one per face of a face model (or
     one with the error "no face found"), else one; one with its ``error`` for a file that could not be read."""
@@ -303,11 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine == "ray":
             from serving.batch_ray import run_ray  # imports ray: only for this engine
 
-            table, rows, bad, faceless = run_ray(predictor, bundle, paths, shown, outputs, args, truth is not None)
-            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+            table, rows, bad, faceless = run_ray(bundle, paths, shown, outputs, args)  # written as rows arrive
         else:
             table = predict(predictor, paths, shown, args)
-            metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+        metrics = score(table, truth, predictor, args.truth) if truth is not None else None
+        if args.engine == "local":  # scored first: a --truth that matches no row leaves no output
             _, rows, bad, faceless = write_outputs([table], outputs)
         if metrics is not None:
             metrics_file = outputs[0][1].with_name(outputs[0][1].name + ".metrics.json")
@@ -344,6 +338,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     finally:
-        from serving.ray_start import stop_unused
-
         stop_unused()  # an early Ray that no job took (a bad option)

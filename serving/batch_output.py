@@ -74,8 +74,8 @@ def write_outputs(
         for folder in folders:
             folder.mkdir()
         for block in blocks:
-            counts = error_counts(block)
-            rows, bad, faceless = rows + len(block), bad + counts[0], faceless + counts[1]
+            errors, no_face = int(block["error"].notna().sum()), int((block["error"] == NO_FACE).sum())
+            rows, bad, faceless = rows + len(block), bad + errors - no_face, faceless + no_face
             if keep:
                 frames.append(block)
             pending.append(block)
@@ -103,12 +103,6 @@ def write_outputs(
 
 FACE_COLUMNS = {**dict.fromkeys(["face", "box_x0", "box_y0", "box_x1", "box_y1"], "Int64"), "face_score": "float64"}
 NO_FACE = "no face found"
-
-
-def error_counts(table: pd.DataFrame) -> tuple[int, int]:
-    """-> (rows of files that could not be read, rows of photos without a face)."""
-    faceless = int((table["error"] == NO_FACE).sum())
-    return int(table["error"].notna().sum()) - faceless, faceless
 
 
 def to_table(rows: Sequence[dict[str, Any]], predictor: Predictor, top_k: int) -> pd.DataFrame:

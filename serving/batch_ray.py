@@ -1,13 +1,8 @@
 """The Ray engine of the batch script (``--engine ray``): label millions of files on a Ray cluster.
 
-    python -m serving.batch --model /shared/bundles/age --input /shared/faces --output ages/ --engine ray \
-        --address head-node:6379 --workers 8 --num-gpus-per-worker 1
-
-Model actors (``Forward``) read, decode, predict and build rows with the local engine's own functions; only
-paths go in and only rows come back, in input order. Plain Ray actors fed blocks by the driver, not Ray Data:
-Ray Data starts three service actors of its own and imports pyarrow everywhere, 4-5 s of a 2-core machine's
-start-up. A local Ray starts as the script begins (``serving.ray_start``). How a job runs, its outputs and
-faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
+Plain Ray actors (``Forward``, the local engine's own functions) fed blocks of paths by the driver, rows back in
+input order; not Ray Data, whose three service actors and pyarrow imports cost 4-5 s of a 2-core start. How a job
+runs, its outputs and faults: docs/BATCH.md. Only this module and ``serving.ray_start`` import Ray.
 """
 
 from __future__ import annotations
@@ -15,12 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,34 +31,20 @@ BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batch
 IN_FLIGHT = 2  # blocks given to each actor at a time: one to run, one waiting (its inputs already there)
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide to run: the cluster (None: a local Ray) and the actor pool."""
-
-    address: str | None = None
-    workers: int | None = None  # None: as many actors as the cluster's CPUs (GPUs for GPU actors) hold
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-
-
 class Forward:
-    """A Ray actor: the bundle's ``Predictor``; a block of files -> their output rows, read,
-    decoded and labelled with the local engine's ``ImageFiles``, ``collate`` and ``label``. ``args``: the
-    checked options of ``python -m serving.batch``."""
+    """A Ray actor holding the bundle's ``Predictor``: a block of files -> their output rows, with the local engine's
+    ``ImageFiles``, ``collate`` and ``label``. ``args``: the checked options of ``python -m serving.batch``."""
 
-    def __init__(self, files: list[Any], max_pixels: int | None, args: argparse.Namespace) -> None:
+    def __init__(self, files: list[Any], args: argparse.Namespace) -> None:
         import ray
 
         threads = max(1, int(args.cpus_per_worker))
         torch.set_num_threads(threads)  # ONNX Runtime's intra-op threads too (Predictor: they follow torch's)
-        files = ray.get(files[0])  # the bundle's files, ``{name: bytes}``, from the object store
-        folder = Path(tempfile.mkdtemp(prefix="svertka-bundle-"))  # this node's copy of the shipped bundle
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        try:
-            self.predictor = Predictor(folder, device=args.device, max_pixels=max_pixels, runtime=args.runtime)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now
+        with tempfile.TemporaryDirectory(prefix="svertka-bundle-", ignore_cleanup_errors=True) as tmp:
+            folder = Path(tmp)  # this node's copy of the shipped bundle (``{name: bytes}`` in the object store)
+            for name, data in ray.get(files[0]).items():
+                (folder / name).write_bytes(data)
+            self.predictor = Predictor(folder, device=args.device, max_pixels=args.max_pixels, runtime=args.runtime)
         self.args = args
         self.pool = ThreadPoolExecutor(threads)  # decoding threads (PIL and OpenCV release the GIL)
 
@@ -79,33 +58,33 @@ class Forward:
         return to_table(rows, self.predictor, args.top_k)
 
 
-def connect(opts: RayOptions) -> bool:
-    """Join the cluster at ``opts.address``, or start a local Ray sized for the actors (or take the one
+def connect(args: argparse.Namespace) -> bool:
+    """Join the cluster at ``--address``, or start a local Ray sized for the actors (or take the one
     ``serving.ray_start`` started as the script began); True if started here."""
     import ray
 
-    if opts.address:
-        check_reachable(opts.address)
-    cpus = local_cpus(opts.workers, opts.cpus_per_worker)
-    early = None if opts.address else take_early(cpus)
+    if args.address:
+        check_reachable(args.address)
+    cpus = local_cpus(args.workers, args.cpus_per_worker)
+    early = None if args.address else take_early(cpus)
     if early is None and ray.is_initialized():  # a Ray driver already connected (e.g. the tests' session)
         return False
     try:
-        if opts.address:
+        if args.address:
             import data
             import models
             import serving
 
             # The cluster's Python needs svertka's dependencies; its own code travels with the job.
-            ray.init(address=opts.address, runtime_env={"py_modules": [serving, data, models]}, **QUIET)
+            ray.init(address=args.address, runtime_env={"py_modules": [serving, data, models]}, **QUIET)
         elif early is not None:
             early.result()  # started while the script imported and listed its inputs; its error, if any
         else:
             init_local(cpus)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"--address {opts.address}" if opts.address else "--engine ray"
+        where = f"--address {args.address}" if args.address else "--engine ray"
         hint = ""
-        if opts.address and os.environ.get("RAY_AUTH_MODE") is None:
+        if args.address and os.environ.get("RAY_AUTH_MODE") is None:
             hint = "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and copy its ~/.ray/auth_token"
         raise FatalError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0]}){hint}") from None
     return True
@@ -123,92 +102,80 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def pipeline(
-    bundle: Path,
-    paths: Sequence[Path],
-    shown: Sequence[str],
-    max_pixels: int | None,
-    args: argparse.Namespace,
-    opts: RayOptions,
+    bundle: Path, paths: Sequence[Path], shown: Sequence[str], args: argparse.Namespace, bar: Any
 ) -> Iterator[pd.DataFrame]:
-    """The output rows, one block (``--batch-size x BATCHES_PER_BLOCK`` files) at a time, in input order: the
-    blocks go to the actor pool (read, decode, predict), each actor kept ``IN_FLIGHT`` blocks deep."""
+    """The output rows, one block (``--batch-size x BATCHES_PER_BLOCK`` files) at a time, in input order, each
+    counted on ``bar`` once taken: the blocks go to the actor pool, each actor kept ``IN_FLIGHT`` blocks deep."""
     import ray
 
     cwd = os.getcwd()  # absolute as given; Path.resolve stats every part (0.6 s for 19,362 files)
     files = [os.path.join(cwd, p) for p in paths]
-    workers = pool_size(opts)
+    workers = pool_size(args)
     names = (WEIGHTS_FILE, META_FILE) + ((ONNX_FILE,) if (bundle / ONNX_FILE).is_file() else ())
     shipped = ray.put({name: (bundle / name).read_bytes() for name in names})  # the bundle, shipped to the actors
     # big jobs: a few batches per actor task; small ones: still spread over the pool
     per_block = max(1, min(args.batch_size * BATCHES_PER_BLOCK, math.ceil(len(files) / (2 * workers))))
     actor = ray.remote(Forward).options(
-        num_cpus=opts.cpus_per_worker,
-        num_gpus=opts.gpus_per_worker or None,
+        num_cpus=args.cpus_per_worker,
+        num_gpus=args.num_gpus_per_worker or None,
         max_restarts=-1,  # a dead actor comes back and runs again the blocks it held
         max_task_retries=-1,
     )
-    pool = [actor.remote([shipped], max_pixels, args) for _ in range(workers)]  # in a list: the actor fetches it
-    todo = iter(enumerate(range(0, len(files), per_block)))
-    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (block index, its actor)
+    pool = [actor.remote([shipped], args) for _ in range(workers)]  # in a list: the actor fetches it
+    todo = iter(range(0, len(files), per_block))  # each block's first file
+    running: dict[Any, tuple[int, Any]] = {}  # result ref -> (its block's first file, its actor)
     done: dict[int, Any] = {}  # finished out of order, waiting for an earlier block
     wanted = 0
 
     def submit(worker: Any) -> None:
-        if (job := next(todo, None)) is not None:
-            i, at = job
+        if (at := next(todo, None)) is not None:
             ref = worker.__call__.remote(files[at : at + per_block], list(shown[at : at + per_block]))
-            running[ref] = (i, worker)
+            running[ref] = (at, worker)
 
     for worker in pool:
         for _ in range(IN_FLIGHT):
             submit(worker)
     while running or done:
         while wanted in done:
-            yield ray.get(done.pop(wanted))
-            wanted += 1
+            block = ray.get(done.pop(wanted))
+            yield block
+            bar.update(len(block))
+            wanted += per_block
         if running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            i, worker = running.pop(ref)
-            done[i] = ref
+            at, worker = running.pop(ref)
+            done[at] = ref
             submit(worker)
 
 
-def pool_size(opts: RayOptions) -> int:
+def pool_size(args: argparse.Namespace) -> int:
     """``--workers``, else actors that fill the cluster: its CPUs over ``--cpus-per-worker`` (GPUs over
     ``--num-gpus-per-worker``)."""
     import ray
 
-    if opts.workers:
-        return opts.workers
-    key, each = ("GPU", opts.gpus_per_worker) if opts.gpus_per_worker else ("CPU", opts.cpus_per_worker)
+    if args.workers:
+        return args.workers
+    key, each = ("GPU", args.num_gpus_per_worker) if args.num_gpus_per_worker else ("CPU", args.cpus_per_worker)
     return max(1, int(ray.cluster_resources().get(key, 0) // each))
 
 
 def run_ray(
-    predictor: Predictor,
     bundle: Path,
     paths: Sequence[Path],
     shown: Sequence[str],
     outputs: Sequence[tuple[str, Path]],
     args: argparse.Namespace,
-    keep_table: bool = False,
 ) -> tuple[pd.DataFrame | None, int, int, int]:
-    """Run the job and write ``outputs`` as its blocks arrive (``write_outputs``, which says what comes back)."""
+    """Run the job and write ``outputs`` as its blocks arrive (``write_outputs``, which says what comes back; the
+    whole table kept for ``--truth``)."""
     try:
         import ray
     except ImportError:
         raise FatalError("--engine ray: Ray is not installed (pip install 'svertka[ray]')") from None
-    opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.num_gpus_per_worker)
-    started = connect(opts)
+    started = connect(args)
     bar = progress_bar(len(paths), args.progress)
-
-    def blocks() -> Iterator[pd.DataFrame]:
-        for block in pipeline(bundle, paths, shown, predictor.max_pixels, args, opts):
-            yield block
-            bar.update(len(block))
-
     try:
-        return write_outputs(blocks(), outputs, ROWS_PER_FILE, keep_table)
+        return write_outputs(pipeline(bundle, paths, shown, args, bar), outputs, ROWS_PER_FILE, bool(args.truth))
     except ray.exceptions.RayError as e:
         raise FatalError(f"--engine ray: the job failed ({str(e).strip().splitlines()[0]})") from None
     finally:

@@ -36,13 +36,7 @@ def init_local(cpus: int) -> None:
     # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray._private.worker").setLevel(logging.ERROR)  # "SIGTERM handler is not set": set below
-    ray.init(
-        "local",
-        num_cpus=cpus,
-        include_dashboard=False,
-        object_store_memory=2 * 1024**3,
-        **QUIET,
-    )
+    ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **QUIET)
 
 
 def start_early(argv: Sequence[str]) -> None:
@@ -84,24 +78,18 @@ def start_early(argv: Sequence[str]) -> None:
 
 
 def take_early(cpus: int) -> Future | None:
-    """The early start if there is one and it was asked for ``cpus`` CPUs (connect's own sizing), else None."""
+    """The early start if there is one and it was asked for ``cpus`` CPUs (connect's own sizing), else None; a
+    started Ray sized otherwise is stopped."""
     global _early
     future, _early = _early, None
-    if future is not None and future.exception() is None and future.result() != cpus:  # sized otherwise
-        _shutdown()
+    if future is not None and future.exception() is None and future.result() != cpus:
+        import ray
+
+        ray.shutdown()
         return None
     return future
 
 
 def stop_unused() -> None:
-    """Stop an early Ray that no job took."""
-    global _early
-    future, _early = _early, None
-    if future is not None and future.exception() is None:
-        _shutdown()
-
-
-def _shutdown() -> None:
-    import ray
-
-    ray.shutdown()
+    """Stop an early Ray that no job took (a bad option): no start asks for 0 CPUs."""
+    take_early(0)

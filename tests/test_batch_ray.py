@@ -154,10 +154,11 @@ def test_face_bundle_gives_face_rows_like_the_local_engine(ray_session: None, tm
 
 def test_the_pool_fills_the_cluster(ray_session: None) -> None:
     """Without ``--workers``: one actor per CPU (per GPU for GPU actors) of the cluster, here 2 CPUs, no GPU."""
-    assert batch_ray.pool_size(batch_ray.RayOptions()) == 2
-    assert batch_ray.pool_size(batch_ray.RayOptions(cpus_per_worker=0.5)) == 4
-    assert batch_ray.pool_size(batch_ray.RayOptions(cpus_per_worker=3)) == 1  # at least one
-    assert batch_ray.pool_size(batch_ray.RayOptions(workers=3)) == 3
+    common = ["--model", "m", "--input", "i", "--output", "o.csv", "--engine", "ray"]
+    assert batch_ray.pool_size(batch.parse_args(common)) == 2
+    assert batch_ray.pool_size(batch.parse_args([*common, "--cpus-per-worker", "0.5"])) == 4
+    assert batch_ray.pool_size(batch.parse_args([*common, "--cpus-per-worker", "3"])) == 1  # at least one
+    assert batch_ray.pool_size(batch.parse_args([*common, "--workers", "3"])) == 3
 
 
 def _actor_pids() -> list[int]:

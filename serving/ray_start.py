@@ -42,14 +42,14 @@ def init_local(cpus: int) -> None:
 def start_early(argv: Sequence[str]) -> None:
     """Start ``init_local`` in a thread when ``argv`` asks for ``--engine ray`` without ``--address``."""
     global _early
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # errors: the batch script's parser says them
     p.add_argument("--engine")
     p.add_argument("--address")
     p.add_argument("--workers", type=int)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     try:
         args, _ = p.parse_known_args(argv)
-    except (SystemExit, ValueError):  # the batch script's own parser says what is wrong
+    except (argparse.ArgumentError, SystemExit, ValueError):
         return
     if args.engine != "ray" or args.address or (args.workers or 0) < 0 or args.cpus_per_worker <= 0:
         return

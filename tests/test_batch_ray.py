@@ -313,6 +313,16 @@ def test_bad_option_stops_the_local_ray_started_early(setup: dict, tmp_path: Pat
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.parametrize("bad", [["--workers"], ["--cpus-per-worker", "abc"]])
+def test_early_start_leaves_a_bad_option_to_the_script(bad: list[str], capsys: pytest.CaptureFixture) -> None:
+    """The early start's own parser prints nothing and starts nothing: the script's parser says what is wrong, once."""
+    from serving import ray_start
+
+    ray_start.start_early(["--engine", "ray", *bad])
+    assert ray_start._early is None
+    assert capsys.readouterr().err == ""
+
+
 def _cmdlines() -> list[bytes]:
     out = []
     for entry in Path("/proc").iterdir():

@@ -47,10 +47,9 @@ class Tokens:
         self.fixed = parse_tokens(token, TOKEN_ENV) if token else []
         self.file = Path(file).expanduser().absolute() if file else None
         self.from_file: list[bytes] = []
-        self.stamp: tuple[int, ...] | None = None
+        self.stamp: tuple[int, ...] | None = None  # the file's (mtime, size, inode, ctime) when last read
         if self.file is not None:  # at start a bad file stops the server with a clear line
-            self.stamp = self._stat()
-            self.from_file = self._read()
+            self._reload()
         elif not self.fixed:
             raise TokenError(f"{TOKEN_ENV} is blank")
 
@@ -62,40 +61,37 @@ class Tokens:
             return None
         return cls(token or None, file or None)
 
-    def _stat(self) -> tuple[int, ...]:
+    def _reload(self) -> None:
+        """Read the file again if its stamp changed; ``TokenError`` if it cannot be read or holds no token, its
+        tokens then dropped (fail closed) until it changes and is usable again."""
+        where = f"{TOKEN_FILE_ENV}={self.file}"
         try:
             st = self.file.stat()
         except OSError as e:
-            raise TokenError(f"{TOKEN_FILE_ENV}={self.file}: {e.strerror or e}") from None
-        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
-
-    def _read(self) -> list[bytes]:
-        """The file's tokens; ``TokenError`` if it cannot be read or holds none."""
-        where = f"{TOKEN_FILE_ENV}={self.file}"
+            self.stamp, self.from_file = None, []
+            raise TokenError(f"{where}: {e.strerror or e}") from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+        if stamp == self.stamp:
+            return
+        self.stamp, self.from_file = stamp, []
         try:
-            tokens = parse_tokens(self.file.read_text(), where)
+            self.from_file = parse_tokens(self.file.read_text(), where)
         except OSError as e:
             raise TokenError(f"{where}: cannot read it ({e.strerror or e})") from None
         except UnicodeDecodeError:
             raise TokenError(f"{where}: not UTF-8 text") from None
-        if not tokens:
+        if not self.from_file:
             raise TokenError(f"{where} holds no token (one token a line; blank lines and # comments are skipped)")
-        return tokens
 
     def current(self) -> list[bytes]:
-        """Every accepted token; the file is read again when its mtime, size or inode changed."""
-        if self.file is None:
-            return self.fixed
-        stamp = None
-        try:
-            stamp = self._stat()
-            if stamp != self.stamp:
-                self.from_file = self._read()
-        except TokenError as e:  # fail closed: the file's tokens are gone until it is usable again
-            if stamp != self.stamp:
-                print(f"warning: {e}; no token from that file is accepted until it is fixed", file=sys.stderr)
-            self.from_file = []
-        self.stamp = stamp
+        """Every accepted token, the file's as of its last change; a file gone bad is warned about once."""
+        if self.file is not None:
+            seen = self.stamp
+            try:
+                self._reload()
+            except TokenError as e:
+                if self.stamp != seen:
+                    print(f"warning: {e}; no token from that file is accepted until it is fixed", file=sys.stderr)
         return self.fixed + self.from_file
 
     def accepts(self, candidate: bytes) -> bool:

@@ -87,8 +87,18 @@ class TokenAuthMiddleware:
         headers = dict(scope.get("headers") or [])
         if scope["type"] == "http" and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
             return await self.app(scope, receive, send)  # a CORS preflight: browsers never send credentials
-        reason, given = self._refusal(headers.get(b"authorization"))
-        if reason is None:
+        header = headers.get(b"authorization")
+        scheme, _, token = (header or b"").strip().partition(b" ")
+        given = scheme.lower() == b"bearer"  # whether it carried a token at all
+        if header is None:
+            reason = "missing API token: send the header 'Authorization: Bearer <token>'"
+        elif not given:
+            reason = "the Authorization header must be 'Bearer <token>'"
+        elif not token.strip():
+            reason = "empty API token in 'Authorization: Bearer'"
+        elif not self.tokens.accepts(token.strip()):
+            reason = "invalid API token"
+        else:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
@@ -101,21 +111,6 @@ class TokenAuthMiddleware:
         if scope["method"] == "HEAD":
             response.body = b""  # the headers of a GET (its Content-Length too), no body
         await response(scope, receive, send)
-
-    def _refusal(self, header: bytes | None) -> tuple[str | None, bool]:
-        """(why the request is refused or None, whether it carried a token at all)."""
-        assert self.tokens is not None
-        if header is None:
-            return "missing API token: send the header 'Authorization: Bearer <token>'", False
-        scheme, _, token = header.strip().partition(b" ")
-        if scheme.lower() != b"bearer":
-            return "the Authorization header must be 'Bearer <token>'", False
-        token = token.strip()
-        if not token:
-            return "empty API token in 'Authorization: Bearer'", True
-        if not self.tokens.accepts(token):
-            return "invalid API token", True
-        return None, True
 
 
 class JsonRoutingErrors:
@@ -187,22 +182,19 @@ class AdmissionMiddleware:
             reason = (
                 f"server busy: this worker already holds {self.in_flight} requests (SVERTKA_MAX_IN_FLIGHT); retry later"
             )
-            await self._drain(receive)
+            # Read and drop the body (up to drain_bytes), or the server resets the connection and no 503 arrives.
+            seen = 0
+            while seen <= self.drain_bytes:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+                seen += len(message.get("body", b""))
             return await error(503, reason, self.retry_after)(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
-
-    async def _drain(self, receive: Receive) -> None:
-        """Read and drop the body (up to ``drain_bytes``), or the server resets the connection and no 503 arrives."""
-        seen = 0
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
-            seen += len(message.get("body", b""))
 
 
 def load() -> int:
@@ -278,6 +270,5 @@ def strict_multipart(api: Any) -> Any:
         return parsed
 
     # BentoML 1.4.40 has no public hook for request parsing (URLs in file fields: bentoml/BentoML#4411).
-    strict = type(base.__name__, (base,), {"from_http_request": classmethod(from_http_request)})
-    api.input_spec = strict
+    api.input_spec = type(base.__name__, (base,), {"from_http_request": classmethod(from_http_request)})
     return api

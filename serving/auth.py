@@ -3,9 +3,6 @@ Bearer <token>`` on every path but the health endpoints (docs/SERVING.md, "Secur
 
     SVERTKA_API_TOKEN=$(openssl rand -hex 32) bentoml serve
     SVERTKA_API_TOKEN_FILE=/run/secrets/svertka_tokens bentoml serve     # one token a line, read when it changes
-
-A token file that vanishes later accepts nothing (fail closed). Tokens are compared in constant time, never
-logged or echoed.
 """
 
 from __future__ import annotations
@@ -28,7 +25,8 @@ class TokenError(ValueError):
 
 
 def parse_tokens(text: str, source: str) -> list[bytes]:
-    """One token a line; blank lines and ``#`` comments are skipped. Messages give line numbers, never tokens."""
+    """One token a line; blank lines and ``#`` comments are skipped. Messages give line numbers: tokens are never
+    logged or echoed."""
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -57,9 +55,7 @@ class Tokens:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Tokens | None:
         """The tokens the environment sets up, or None when auth is off; ``TokenError`` if unusable."""
         token, file = environ.get(TOKEN_ENV, ""), environ.get(TOKEN_FILE_ENV, "").strip()
-        if not token and not file:
-            return None
-        return cls(token or None, file or None)
+        return cls(token or None, file or None) if token or file else None
 
     def _reload(self) -> None:
         """Read the file again if its stamp changed; ``TokenError`` if it cannot be read or holds no token, its

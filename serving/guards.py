@@ -1,7 +1,5 @@
-"""HTTP guards in front of the service's APIs, each refusal a JSON ``{"error": reason}``: no accepted API token
-(401), a body over the limit (413), overload (503 + ``Retry-After``), anything but a well-formed multipart form
-with files where files belong (400), and the routers' plain-text 404 and 405 (as JSON, naming the endpoints or
-the methods allowed).
+"""HTTP guards in front of the service's APIs, each refusal a JSON ``{"error": reason}``: 401, 413, 503, the 400
+of a malformed form, and the routers' 404 and 405 (docs/SERVING.md, "Bad input", "Security").
 
     Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=64)     # likewise the other middlewares
     @strict_multipart                                                       # on a @bentoml.api method
@@ -40,8 +38,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         reason = f"request body is over the limit of {self.max_bytes} bytes (SVERTKA_MAX_BODY_BYTES)"
         headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit():
+        if (length := headers.get(b"content-length", b"")).isdigit():
             if int(length) > self.max_bytes:
                 return await error(413, reason)(scope, receive, send)
             if b"transfer-encoding" not in headers:

@@ -76,8 +76,8 @@ class Prepared:
 
 
 class ImageLoader:
-    """Bytes or a file -> the model's input ``(C, h, w)`` (with an ``aligner``, ``prepare``: one per face); small
-    and picklable, for DataLoader workers."""
+    """Bytes or a file -> the model's inputs: ``preprocess(decode(src))`` is one ``(C, h, w)``, ``prepare`` one per
+    face with an ``aligner``; small and picklable, for DataLoader workers."""
 
     def __init__(
         self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, aligner: FaceAligner | None = None
@@ -100,9 +100,6 @@ class ImageLoader:
     def preprocess(self, arr: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, C)`` -> float ``(C, h, w)``, the bundle's eval preprocessing."""
         return preprocess(arr, self.spec, self.transform)
-
-    def __call__(self, src: bytes | str | Path | Image.Image) -> torch.Tensor:
-        return self.preprocess(self.decode(src))
 
     def prepare(
         self, src: bytes | str | Path | np.ndarray | Image.Image, max_faces: int | None = None, detect: bool = True
@@ -162,13 +159,10 @@ class Predictor:
 
     def face_results(self, prepared: Prepared, outputs: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
         """``[{"box", "score", <target name> (e.g. "age") or label/score/top_k}, ...]``, one per face."""
-        out = []
-        for face, row in zip(prepared.faces, outputs, strict=True):
-            result = self.format(row, top_k)
-            if self.task == "classification":
-                result = {"label": result["label"], "label_score": result["score"], "top_k": result["top_k"]}
-            out.append({"box": face["box"], "score": face["score"], **result})
-        return out
+        results = [self.format(row, top_k) for row in outputs]
+        if self.task == "classification":  # "score" is the face's
+            results = [{"label": r["label"], "label_score": r["score"], "top_k": r["top_k"]} for r in results]
+        return [{"box": f["box"], "score": f["score"], **r} for f, r in zip(prepared.faces, results, strict=True)]
 
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
@@ -205,7 +199,7 @@ class Predictor:
 
     def predict_files(self, srcs: Sequence[bytes | str | Path], top_k: int = 5) -> list[dict[str, Any]]:
         """Decode, forward as one batch, format: one dict per input (raises ``ImageError`` on a bad one)."""
-        batch = torch.stack([self.loader(s) for s in srcs])  # (B, C, h, w)
+        batch = torch.stack([self.loader.preprocess(self.loader.decode(s)) for s in srcs])  # (B, C, h, w)
         return [self.format(row, top_k) for row in self.predict_tensors(batch)]
 
     def info(self) -> dict[str, Any]:

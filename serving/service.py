@@ -1,11 +1,8 @@
-"""BentoML service: classify images and estimate ages with the bundles in BentoML's model store.
+"""BentoML service: classify images and estimate ages with the bundles in BentoML's model store (the endpoints,
+their errors, how it runs and why, with measurements: docs/SERVING.md).
 
     SVERTKA_MODELS=fashion_mnist_cnn:latest,utkface_age:latest bentoml serve      # at the repo root
     curl -F image=@shirt.png -F top_k=3 localhost:3000/classify     # also /estimate_age, /models, /stats; the page: /
-
-Every model is a ``serving.predictor.Predictor`` with a ``Batcher``; settings: ``serving/settings.py``; guards
-(tokens too): ``serving/guards.py``. Bad input gets a 4xx JSON ``{"error": ...}``, overload a 503 with
-``Retry-After``, never a 500. The endpoints, how it runs and why, with measurements: docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -281,11 +278,9 @@ class Svertka(ModelReferences):
         full = self.aliases.get(str(name).strip())
         if full is None:
             return error(400, f"unknown model {name!r}; served models: {', '.join(self.predictors)}")
-        if self.predictors[full].task != task:
-            return error(
-                400, f"model {full!r} is a {self.predictors[full].task} model; {task} models: {', '.join(served)}"
-            )
-        return full, self.predictors[full]
+        if (pred := self.predictors[full]).task != task:
+            return error(400, f"model {full!r} is a {pred.task} model; {task} models: {', '.join(served)}")
+        return full, pred
 
     async def _inputs(
         self, pred: Predictor, image: Path, max_faces: int | None = None, detect: bool = False

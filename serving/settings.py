@@ -1,6 +1,5 @@
 """The service's settings: ``SVERTKA_*`` environment variables, parsed and checked once (the table, with
-defaults: docs/SERVING.md, "Settings"). A bad value raises ``SettingsError`` naming the variable: a
-``BentoMLException``, so ``bentoml serve`` prints it as one line and exits 1, without a traceback.
+defaults: docs/SERVING.md, "Settings").
 
     >>> Settings.from_env({"SVERTKA_MODELS": "quickstart", "SVERTKA_WORKERS": "2"}).models
     ('quickstart:latest',)
@@ -35,7 +34,8 @@ REMOVED = {  # settings of earlier versions -> what to do now (a warning at star
 
 
 class SettingsError(BentoMLException):
-    """A setting that cannot work: one line naming the variable and what is wrong."""
+    """A setting that cannot work, naming the variable: a ``BentoMLException``, so ``bentoml serve`` prints it as
+    one line and exits 1, without a traceback."""
 
 
 def cpu_count() -> int:
@@ -75,9 +75,8 @@ class Settings:
     max_pixels: int
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Parse ``env`` (default ``os.environ``); ``SettingsError`` on the first bad value."""
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Parse ``env``; ``SettingsError`` on the first bad value."""
         # once, from `bentoml serve` itself (or a direct call): not again from every worker
         for name in sorted(REMOVED.keys() & env.keys()) if bentoml.server_context.worker_index is None else []:
             print(f"warning: {name} is no longer read: {REMOVED[name]}", file=sys.stderr, flush=True)
@@ -122,13 +121,12 @@ class Settings:
                     read_onnx(folder, meta)
                 elif self.runtime == "onnx":
                     raise BundleError(f"{folder}: no model.onnx, and SVERTKA_RUNTIME=onnx")
+                if meta.faces:  # a model of aligned face chips: the face stage (dlib, landmark model) must be here
+                    check_available(folder)
             except BundleError as e:
                 raise SettingsError(
                     f"SVERTKA_MODELS names {tag!r}: {e}. Save a bundle there with "
                     "`python -m training.export --ckpt CKPT --out DIR --bentoml NAME` or set SVERTKA_MODELS."
                 ) from None
-            try:
-                if meta.faces:  # a model of aligned face chips: the face stage (dlib, landmark model) must be here
-                    check_available(folder)
             except FaceStageError as e:
                 raise SettingsError(f"SVERTKA_MODELS names {tag!r}, whose model needs face detection: {e}") from None

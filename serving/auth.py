@@ -25,8 +25,7 @@ class TokenError(ValueError):
 
 
 def parse_tokens(text: str, source: str) -> list[bytes]:
-    """One token a line; blank lines and ``#`` comments are skipped. Messages give line numbers: tokens are never
-    logged or echoed."""
+    """One token a line; blank lines and ``#`` comments are skipped. Messages give line numbers, never tokens."""
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -99,8 +98,7 @@ class Tokens:
 
 
 def should_warn(tokens: Tokens | None, host: str | None) -> bool:
-    """Warn when no token is set and the server binds beyond loopback (127.0.0.0/8, ::1, "localhost"; ``host``
-    None: not serving)."""
+    """Whether no token is set and ``host`` (None: not serving) is beyond loopback (127.0.0.0/8, ::1, localhost)."""
     if tokens is not None or host is None or host.strip().lower() == "localhost":
         return False
     try:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic_core import PydanticCustomError, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -144,10 +145,9 @@ class JsonRoutingErrors:
 
 
 class AdmissionMiddleware:
-    """At most ``max_in_flight`` requests at once in this worker; past it a 503 with ``Retry-After``, before
-    anything parses the body. The one home of the worker's load (``load()``): requests in flight, and
-    ``recent_clients``, the keep-alive connections that called an API (POST) more than once, the last time in the
-    past ``window_s`` (in-flight alone cannot tell one client from 32: docs/SERVING.md)."""
+    """At most ``max_in_flight`` requests at once in this worker, past it a 503 with ``Retry-After`` before anything
+    parses the body. The home of the worker's ``load()``: requests in flight, and ``recent_clients``, connections
+    that called an API (POST) more than once, the last time within ``window_s`` (why: docs/SERVING.md)."""
 
     current: AdmissionMiddleware | None = None  # the one built last in this process (one per worker)
     retry_after = {"Retry-After": "1"}
@@ -170,8 +170,7 @@ class AdmissionMiddleware:
             if entry[1] == 2:  # a connection that stays: a client
                 self.recent_clients += 1
         if now >= self.next_prune:
-            cutoff = now - self.window_s
-            self.seen = {k: v for k, v in self.seen.items() if v[0] >= cutoff}
+            self.seen = {k: v for k, v in self.seen.items() if v[0] >= now - self.window_s}
             self.recent_clients = sum(1 for v in self.seen.values() if v[1] > 1)
             self.next_prune = now + self.window_s / 4
         if self.in_flight >= self.max_in_flight:
@@ -218,8 +217,6 @@ class Upload(PurePosixPath):
 
 def _form_error(field: str, message: str) -> Exception:
     """A pydantic ValidationError: BentoML answers it with 400 ``{"error": ..., "detail": [{"loc", "msg"}]}``."""
-    from pydantic_core import PydanticCustomError, ValidationError
-
     return ValidationError.from_exception_data(
         "Input", [{"type": PydanticCustomError("bad_form", message), "loc": (field,), "input": None}]
     )
@@ -227,8 +224,7 @@ def _form_error(field: str, message: str) -> Exception:
 
 def strict_multipart(api: Any) -> Any:
     """Make a ``@bentoml.api`` method accept only a well-formed multipart form (else a 400, not BentoML's 500 or
-    its fetch of a URL given in a file field), by subclassing its input spec; a ``Path`` input arrives as an
-    ``Upload``."""
+    its fetch of a URL given in a file field); a ``Path`` input arrives as an ``Upload``."""
     base = api.input_spec
 
     async def from_http_request(cls: type, request: Request, serde: Any) -> Any:

@@ -28,8 +28,7 @@ RUNTIMES = ("auto", "onnx", "torch")
 
 
 def pick_runtime(runtime: str, meta: BundleMeta, device: torch.device) -> str:
-    """``"onnx"`` or ``"torch"`` for ``runtime`` (``auto``: ONNX Runtime on a CPU when the bundle has
-    ``model.onnx``); ``ValueError``/``BundleError`` when the one asked for cannot run here."""
+    """``"onnx"`` or ``"torch"`` for ``runtime``; ``ValueError``/``BundleError`` if it cannot run here."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":

@@ -41,13 +41,11 @@ MAX_FACES = 100  # the most faces /estimate_age answers for (max_faces: 1..MAX_F
 INLINE_PIXELS = 256 * 256  # images up to this many pixels (from the header) decode on the event loop
 INLINE_FORWARD_MS = 2.0  # forwards expected to take at most this run on the event loop when the worker is idle
 FULL_GC_S = 300  # seconds between full garbage collections (docs/SERVING.md, "Garbage collection")
-STATIC = Path(__file__).parent / "static"
 
 
 def full_collections_every(seconds: float) -> threading.Event:
     """Python's full collections every ``seconds`` from a thread (docs/SERVING.md); set the event to stop."""
-    gen0, gen1, _ = gc.get_threshold()
-    gc.set_threshold(gen0, gen1, 1_000_000_000)  # generation 2 only when collected by hand
+    gc.set_threshold(*gc.get_threshold()[:2], 1_000_000_000)  # generation 2 only when collected by hand
     stop = threading.Event()
 
     def run() -> None:
@@ -59,10 +57,9 @@ def full_collections_every(seconds: float) -> threading.Event:
 
 
 class Batcher:
-    """Collect single inputs into batches for ``fn`` (one FIFO queue, one forward thread); each caller gets its
-    row. A forward expected within ``inline_ms`` runs on the event loop when the worker holds no more than the
-    batch (``load``); a slow forward of a lone client runs at ``solo`` threads, others at ``threads``
-    (docs/SERVING.md, "How it runs")."""
+    """Batches of single inputs for ``fn`` (one FIFO queue, one forward thread), each caller getting its row. A
+    forward expected within ``inline_ms`` runs on the event loop when the worker holds no more than the batch
+    (``load``); a lone client's slow forward runs at ``solo`` threads, others at ``threads`` (docs/SERVING.md)."""
 
     def __init__(
         self,
@@ -176,7 +173,7 @@ def content_security_policy(html: str) -> str:
     )
 
 
-PAGE = (STATIC / "index.html").read_text(encoding="utf-8")  # one file, inline CSS and JavaScript, no build step
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")  # inline CSS and JS, no build
 PAGE_HEADERS = {
     "Content-Security-Policy": content_security_policy(PAGE),
     "X-Content-Type-Options": "nosniff",
@@ -328,10 +325,8 @@ class Svertka(ModelReferences):
         if isinstance(prep := await self._inputs(pred, image, max_faces or MAX_FACES, detect), JSONResponse):
             return prep
         outs = await asyncio.gather(*(self.batchers[tag].submit(x) for x in prep.inputs))
-        faces = [
-            {"box": r["box"], "score": r["score"], "age": r[pred.target_name]}
-            for r in pred.face_results(prep, torch.stack(outs) if outs else torch.zeros(0))
-        ]
+        results = pred.face_results(prep, torch.stack(outs) if outs else torch.zeros(0))
+        faces = [{"box": r["box"], "score": r["score"], "age": r[pred.target_name]} for r in results]
         return JSONResponse({"faces": faces, "model": tag})
 
     @strict_multipart
@@ -348,11 +343,7 @@ if TOKENS is not None:  # no token configured: no layer at all (each costs every
 Svertka.add_asgi_middleware(AdmissionMiddleware, max_in_flight=SETTINGS.max_in_flight)
 Svertka.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
 # What a 404 names: the APIs (POST), the GET routes of info_app (the page at /, OpenAPI at /docs), the probe.
-ENDPOINTS = ", ".join(
-    [f"POST {api.route}" for api in Svertka.apis.values()]
-    + [f"GET {route.path}" for route in info_app.routes]
-    + ["GET /readyz"]
-)
-Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints=ENDPOINTS)
+ENDPOINTS = [f"POST {api.route}" for api in Svertka.apis.values()] + [f"GET {r.path}" for r in info_app.routes]
+Svertka.add_asgi_middleware(JsonRoutingErrors, endpoints=", ".join([*ENDPOINTS, "GET /readyz"]))
 
 __all__ = ["Svertka", "Batcher", "SETTINGS"]

@@ -34,8 +34,7 @@ REMOVED = {  # settings of earlier versions -> what to do now (a warning at star
 
 
 class SettingsError(BentoMLException):
-    """A setting that cannot work, naming the variable: a ``BentoMLException``, so ``bentoml serve`` prints it as
-    one line and exits 1, without a traceback."""
+    """A setting that cannot work; a ``BentoMLException``: ``bentoml serve`` prints its one line and exits 1."""
 
 
 def cpu_count() -> int:
@@ -106,8 +105,7 @@ class Settings:
         )
 
     def check_models(self) -> None:
-        """``SettingsError`` naming the first configured model that is not a bundle in the store, or whose
-        face stage (a bundle with a ``faces`` entry: dlib and the landmark model) is missing."""
+        """``SettingsError`` naming the first configured model that is not a usable bundle in the store."""
         from data.faces import FaceStageError, check_available
         from models.bundle import BundleError, check_weights, read_meta, read_onnx
         from models.store import bundle_dir_for_tag

@@ -24,7 +24,7 @@ from models.bundle import META_FILE, ONNX_FILE, WEIGHTS_FILE
 from serving.batch import ImageFiles, collate, label
 from serving.batch_output import FatalError, to_table, write_outputs
 from serving.predictor import Predictor
-from serving.ray_start import QUIET, init_local, local_cpus, take_early
+from serving.ray_start import QUIET, init_local, local_cpus, shutdown, take_early
 
 ROWS_PER_FILE = 65536  # a dataset part file holds whole blocks, at least this many rows (the last one fewer)
 BATCHES_PER_BLOCK = 4  # input rows per block (an actor's task): this many batches
@@ -181,7 +181,7 @@ def run_ray(
     finally:
         bar.close()
         if started:
-            ray.shutdown()
+            shutdown()
 
 
 def progress_bar(total: int, progress: bool | None) -> Any:

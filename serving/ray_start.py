@@ -1,9 +1,6 @@
-"""The Ray engine's local Ray, started in a thread the moment ``python -m serving.batch --engine ray`` runs.
-
-``ray.init`` of a new local Ray spends ~4 s (2 cores) waiting for Ray's own processes to come up;
-started before the batch script imports torch, reads its inputs and loads the bundle, that work
-fills the wait. Only the standard library is imported here; ``serving.batch_ray.connect`` takes
-the started Ray (or its error), and ``stop_unused`` stops one that no job took (a bad option).
+"""The Ray engine's local Ray, started in a thread the moment ``python -m serving.batch --engine ray`` runs: its
+~4 s (2 cores) of waiting for Ray's own processes then fills with the script importing torch, reading its inputs
+and loading the bundle. Standard library only until ``import ray``; ``serving.batch_ray.connect`` takes it.
 """
 
 from __future__ import annotations
@@ -32,9 +29,8 @@ def init_local(cpus: int) -> None:
     """``ray.init`` of a new local Ray of our own (even when ``ray start --head`` runs on this machine), quiet."""
     import ray
 
-    # Ray 2.60 turns token authentication on for a new local cluster (unless RAY_AUTH_MODE
-    # says otherwise) and logs a warning saying so: nothing for a user to do here. (Setting
-    # RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
+    # Ray 2.60 turns token authentication on for a new local cluster and warns so: nothing for a user to do here.
+    # (Setting RAY_AUTH_MODE after `import ray` breaks the start: the driver's config is cached.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray._private.worker").setLevel(logging.ERROR)  # "SIGTERM handler is not set": set below
     ray.init("local", num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **QUIET)
@@ -70,8 +66,7 @@ def start_early(argv: Sequence[str]) -> None:
             future.set_exception(e)
             return
         future.set_result(cpus)
-        # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): this one stays
-        # until the process ends (a daemon thread), after ray.shutdown.
+        # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): it stays till the process ends.
         threading.Event().wait()
 
     threading.Thread(target=run, name="ray-init", daemon=True).start()
@@ -79,8 +74,7 @@ def start_early(argv: Sequence[str]) -> None:
 
 
 def take_early(cpus: int) -> Future | None:
-    """The early start if there is one and it was asked for ``cpus`` CPUs (connect's own sizing), else None; a
-    started Ray sized otherwise is stopped."""
+    """The early start if it was asked for ``cpus`` CPUs (connect's sizing), else None (one sized otherwise: stops)."""
     global _early
     future, _early = _early, None
     if future is not None and future.exception() is None and future.result() != cpus:
@@ -90,12 +84,11 @@ def take_early(cpus: int) -> Future | None:
 
 
 def shutdown() -> None:
-    """``ray.shutdown``, 1 s sooner for a Ray started here: Ray 2.60 stops the GCS before the autoscaler monitor,
-    whose SIGTERM handler then waits on the gone GCS until Ray SIGKILLs it a second later. A local Ray has
-    nothing to autoscale, so the monitor is killed first (through Ray's node object: there is no public handle)."""
+    """``ray.shutdown``, 1 s sooner: Ray 2.60 stops the GCS first, and the autoscaler monitor's SIGTERM handler waits on
+    it until Ray SIGKILLs it 1 s later. A local Ray has nothing to autoscale: its monitor is killed first."""
     import ray
 
-    with contextlib.suppress(AttributeError):  # a Ray without that object: the plain shutdown below
+    with contextlib.suppress(AttributeError):  # no public handle on Ray's processes; a Ray without it: plain shutdown
         ray._private.worker._global_node.kill_monitor(check_alive=False)  # joined with --address: no monitor of ours
     ray.shutdown()
 

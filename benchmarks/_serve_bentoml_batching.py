@@ -41,7 +41,7 @@ class BentoBatching:
         xs, answers = [], []
         for path in image:
             try:
-                xs.append(self.pred.loader.preprocess(self.pred.loader.decode(path.read_bytes())))  # (C, h, w)
+                xs.append(self.pred.prepare(path.read_bytes(), detect=False).inputs[0])  # (C, h, w)
                 answers.append(None)
             except ImageError as e:
                 answers.append({"error": str(e)})

@@ -126,7 +126,7 @@ def in_process(bundle: Path, files: list[Path], seconds: float, batch_size: int 
         return n / (time.perf_counter() - t0)
 
     def load(i: int) -> torch.Tensor:
-        return pred.loader.preprocess(pred.loader.decode(datas[i % len(datas)]))  # (C, h, w)
+        return pred.prepare(datas[i % len(datas)], detect=False).inputs[0]  # (C, h, w), as the service prepares it
 
     single = rate(1, lambda i: pred.predict_tensors(load(i)[None]))
     batched = rate(batch_size, lambda i: pred.predict_tensors(torch.stack([load(i + j) for j in range(batch_size)])))

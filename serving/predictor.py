@@ -75,8 +75,8 @@ class Prepared:
 
 
 class ImageLoader:
-    """Bytes or a file -> the model's inputs: ``preprocess(decode(src))`` is one ``(C, h, w)``, ``prepare`` one per
-    face with an ``aligner``; small and picklable, for DataLoader workers."""
+    """Bytes or a file -> the model's inputs (``prepare``: one ``(C, h, w)`` per face with an ``aligner`` and
+    ``detect``, else the whole image); small and picklable, for DataLoader workers."""
 
     def __init__(
         self, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, aligner: FaceAligner | None = None
@@ -198,7 +198,7 @@ class Predictor:
 
     def predict_files(self, srcs: Sequence[bytes | str | Path], top_k: int = 5) -> list[dict[str, Any]]:
         """Decode, forward as one batch, format: one dict per input (raises ``ImageError`` on a bad one)."""
-        batch = torch.stack([self.loader.preprocess(self.loader.decode(s)) for s in srcs])  # (B, C, h, w)
+        batch = torch.cat([self.prepare(s, detect=False).inputs for s in srcs])  # the whole images: (B, C, h, w)
         return [self.format(row, top_k) for row in self.predict_tensors(batch)]
 
     def info(self) -> dict[str, Any]:
